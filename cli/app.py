@@ -1,0 +1,225 @@
+"""`fmkt-cli`: thin typer commands over fmkt.pipeline. torch is imported inside commands so --help stays fast."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+                  help="FM-KT knowledge distillation: train, distill, evaluate, inspect.")
+out_console = Console()
+err_console = Console(stderr=True)
+
+DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks for errors.")
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    from fmkt.errors import FmktError
+
+    if debug:
+        raise exc
+    if isinstance(exc, FmktError):
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    raise exc
+
+
+def _run(fn, debug: bool):
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        err_console.print("interrupted.")
+        raise typer.Exit(130)
+    except Exception as exc:  # FmktError -> one sentence, exit 2; anything else is a bug: traceback
+        _fail(exc, debug)
+
+
+def _shortcuts(**values) -> dict:
+    """CLI options -> nested config overrides, keeping only options the user gave."""
+    out: dict = {}
+    for dotted, value in values.items():
+        if value is None:
+            continue
+        node = out
+        parts = dotted.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _build(config, sets, **shortcuts):
+    from fmkt.config import build_config, parse_set
+
+    return build_config(config, [_shortcuts(**shortcuts), parse_set(sets)])
+
+
+def _result_table(result, title: str) -> Table:
+    from fmkt.engine import step_label
+
+    table = Table(title=title)
+    table.add_column("model")
+    table.add_column("top-1 last (%)", justify="right")
+    table.add_column("top-1 best (%)", justify="right")
+    if result.teacher is not None and result.teacher.get("accuracy") is not None:
+        table.add_row(f"teacher ({result.teacher['arch']})", f"{result.teacher['accuracy']:.2f}", "")
+    for k, v in result.last.items():
+        table.add_row(f"student {step_label(k)}", f"{v:.2f}", f"{result.best[k]:.2f}")
+    return table
+
+
+@app.command()
+def train(
+    model: str = typer.Option(None, "--model", help="Architecture to train (see `fmkt-cli info --models`)."),
+    data: str = typer.Option(None, "--data", help="digits | mnist | fashion-mnist | cifar10 | cifar100"),
+    data_dir: str = typer.Option(None, "--data-dir", help="Dataset folder (default per dataset)."),
+    epochs: int = typer.Option(None, "--epochs"),
+    batch_size: int = typer.Option(None, "--batch-size"),
+    lr: float = typer.Option(None, "--lr"),
+    seed: int = typer.Option(None, "--seed"),
+    config: str = typer.Option(None, "--config", help="YAML config file or shipped recipe name."),
+    sets: List[str] = typer.Option(None, "--set", help="Override a config key: --set optim.lr=0.1 (repeatable)."),
+    out: str = typer.Option("runs/train", "--out", help="Output folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
+    debug: bool = DebugOpt,
+):
+    """Plain supervised training (a teacher, or a student alone); writes OUT/artifact."""
+
+    def go():
+        from fmkt.pipeline import run_train
+
+        cfg = _build(config, sets, student=model, data__name=data, data__dir=data_dir, train__epochs=epochs,
+                     data__batch_size=batch_size, optim__lr=lr, train__seed=seed, out=out)
+        result = run_train(cfg, resume=resume, console=err_console)
+        out_console.print(_result_table(result, f"{cfg.student} on {cfg.data.name}, {result.epochs} epochs"))
+        out_console.print(f"artifact: {result.artifact}  ({result.seconds:.0f} s)")
+
+    _run(go, debug)
+
+
+@app.command()
+def distill(
+    teacher: str = typer.Option(None, "--teacher", help="Teacher: an fmkt artifact folder or a .pt/.pth/.safetensors "
+                                                        "state dict. Default: train one (cached)."),
+    teacher_arch: str = typer.Option(None, "--teacher-arch", help="Architecture of a state-dict teacher file."),
+    student: str = typer.Option(None, "--student", help="Student architecture."),
+    data: str = typer.Option(None, "--data", help="digits (default) | mnist | fashion-mnist | cifar10 | cifar100"),
+    data_dir: str = typer.Option(None, "--data-dir"),
+    method: str = typer.Option(None, "--method", help="fmkt | theta | ofmkt | kd | dkd | dist | none"),
+    loss: str = typer.Option(None, "--loss", help="Metric loss D for FM-KT: kd | dkd | dist | pkd | mse"),
+    encoder: str = typer.Option(None, "--encoder", help="Meta-encoder: conv | mlp | transformer"),
+    schedule: str = typer.Option(None, "--schedule", help="rectified | vp | ve"),
+    train_steps: str = typer.Option(None, "--train-steps", help="N, or a list drawn per iteration: 1,2,4,8,16"),
+    eval_steps: str = typer.Option(None, "--eval-steps", help="K values to evaluate, e.g. 1,2,4,8 (0 = theta)."),
+    dirac_ratio: float = typer.Option(None, "--dirac-ratio", help="Fraction of pairs keeping their own teacher target."),
+    epochs: int = typer.Option(None, "--epochs"),
+    batch_size: int = typer.Option(None, "--batch-size"),
+    lr: float = typer.Option(None, "--lr"),
+    seed: int = typer.Option(None, "--seed"),
+    config: str = typer.Option(None, "--config", help="YAML config file or shipped recipe name."),
+    sets: List[str] = typer.Option(None, "--set", help="Override a config key: --set optim.lr=0.1 (repeatable)."),
+    out: str = typer.Option(None, "--out", help="Output folder (default runs/distill)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
+    debug: bool = DebugOpt,
+):
+    """Distill a student from a teacher with FM-KT (or a baseline). With no options: the built-in digits demo."""
+
+    def go():
+        from fmkt.config import parse_int_list
+        from fmkt.pipeline import run_distill
+
+        steps = parse_int_list(eval_steps, "--eval-steps") if eval_steps is not None else None
+        cfg = _build(config, sets, teacher__path=teacher, teacher__arch=teacher_arch, student=student,
+                     data__name=data, data__dir=data_dir, method__name=method, method__loss=loss,
+                     method__encoder=encoder, method__schedule=schedule, method__train_steps=train_steps,
+                     method__eval_steps=steps, method__dirac_ratio=dirac_ratio, train__epochs=epochs,
+                     data__batch_size=batch_size, optim__lr=lr, train__seed=seed, out=out)
+        result = run_distill(cfg, resume=resume, console=err_console)
+        title = (f"{cfg.method.name} ({cfg.method.loss}, {cfg.method.encoder}, {cfg.method.schedule}): "
+                 f"{cfg.student} on {cfg.data.name}, {result.epochs} epochs"
+                 if cfg.method.name in ("fmkt", "theta", "ofmkt") else
+                 f"{cfg.method.name}: {cfg.student} on {cfg.data.name}, {result.epochs} epochs")
+        out_console.print(_result_table(result, title))
+        out_console.print(f"artifact: {result.artifact}  ({result.seconds:.0f} s)")
+
+    _run(go, debug)
+
+
+@app.command("eval")
+def eval_cmd(
+    artifact: str = typer.Argument(..., help="Artifact folder (OUT/artifact)."),
+    data: str = typer.Option(None, "--data", help="Dataset (default: the artifact's own)."),
+    data_dir: str = typer.Option(None, "--data-dir"),
+    steps: str = typer.Option("0,1,2,4,8", "--steps", help="K values; 0 = theta head (skipped when absent)."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    debug: bool = DebugOpt,
+):
+    """Top-1 accuracy of an artifact at each K on a dataset's test split."""
+
+    def go():
+        from fmkt.config import parse_int_list
+        from fmkt.engine import step_label
+        from fmkt.pipeline import run_eval
+
+        res = run_eval(artifact, data, data_dir, parse_int_list(steps, "--steps"), batch_size, device)
+        if as_json:
+            out_console.print_json(json.dumps({k: v for k, v in res.items() if k != "meta"}))
+            return
+        table = Table(title=f"{Path(artifact)} on {res['dataset']} ({res['images']} test images)")
+        table.add_column("K")
+        table.add_column("top-1 (%)", justify="right")
+        for k, v in res["top1"].items():
+            table.add_row(step_label(k), f"{v:.2f}")
+        out_console.print(table)
+
+    _run(go, debug)
+
+
+@app.command()
+def info(
+    models: bool = typer.Option(False, "--models", help="Also list models, datasets, losses, encoders, schedules."),
+    debug: bool = DebugOpt,
+):
+    """Versions of torch, triton, onnx, onnxruntime (providers), tensorrt, and the devices."""
+
+    def go():
+        from fmkt.pipeline import versions
+
+        table = Table(title="fmkt environment")
+        table.add_column("component")
+        table.add_column("version / state")
+        for k, v in versions().items():
+            table.add_row(k, ", ".join(v) if isinstance(v, list) else str(v))
+        out_console.print(table)
+        if models:
+            from fmkt.config import recipe_names
+            from fmkt.data import list_datasets
+            from fmkt.distillers import METHODS
+            from fmkt.flow.encoders import ENCODERS
+            from fmkt.flow.schedules import SCHEDULES
+            from fmkt.losses import METRIC_LOSSES
+            from fmkt.models import list_models
+
+            for name, items in [("models", list_models()), ("datasets", list_datasets()), ("methods", list(METHODS)),
+                                ("losses", list(METRIC_LOSSES)), ("encoders", list(ENCODERS)),
+                                ("schedules", list(SCHEDULES)), ("recipes", recipe_names())]:
+                out_console.print(f"[bold]{name}[/]: {', '.join(items)}")
+
+    _run(go, debug)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Distillers wire a student, a frozen teacher and a loss dict (mdistiller's shape, without DataParallel).
+
+``forward_train(images, labels, progress) -> (logits, {"loss_ce": ..., "loss_kd": ...})``; the engine sums the
+dict. ``progress`` is the fractional epoch (DKD's warm-up reads it). Only the student (and any adapter the
+method adds) is trained; the teacher stays in eval mode with gradients off.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fmkt.student import DeployableModel
+
+
+class Distiller(nn.Module):
+    needs_teacher = True
+
+    def __init__(self, student: DeployableModel, teacher: DeployableModel | None, cfg):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.cfg = cfg
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def learnable_state_dict(self) -> dict:
+        """Everything trained (student and adapters), never the teacher."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    def load_learnable_state_dict(self, state: dict) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("teacher.")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+
+    @torch.no_grad()
+    def teacher_logits(self, images):
+        return self.teacher(images).float()
+
+    def forward_train(self, images, labels, progress: float = 0.0):
+        raise NotImplementedError
+
+    def forward(self, images, labels, progress: float = 0.0):
+        # DDP wraps forward(); everything goes through forward_train.
+        return self.forward_train(images, labels, progress)
+
+
+def warmup_factor(cfg, progress: float) -> float:
+    """DKD's linear warm-up: min(epoch / warmup_epochs, 1)."""
+    if cfg.dkd_warmup_epochs <= 0:
+        return 1.0
+    return min(progress / cfg.dkd_warmup_epochs, 1.0)

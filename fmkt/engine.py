@@ -1,0 +1,319 @@
+"""One training loop for every method: optimiser, LR schedule, AMP, progress, evaluation, checkpoints, artifact.
+
+nanoGPT-style: one obvious path. ``fit`` trains a distiller built from a ``Config`` and writes
+``OUT/config.yaml``, ``OUT/metrics.jsonl`` (one line per epoch), ``OUT/checkpoint.pt`` (full state for
+``--resume``, written atomically) and the student artifact ``OUT/artifact``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from fmkt import __version__
+from fmkt.artifact import model_spec, save_artifact
+from fmkt.config import Config, config_from_dict, save_config
+from fmkt.data import BatchLoader, check_images, load_dataset
+from fmkt.distillers import build_distiller, check_method
+from fmkt.errors import FmktError
+from fmkt.io import atomic_path, ensure_writable_dir
+from fmkt.models import create_model
+from fmkt.student import DeployableModel
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+# Keys that may change between a run and its --resume (they do not change the result).
+RESUME_FREE_KEYS = {"out", "train.device", "train.threads"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FmktError(f"device {name!r} was asked for but CUDA is not available here; use --set train.device=cpu.")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FmktError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def step_label(k) -> str:
+    """How a K value reads in tables: theta for 0, K=n otherwise, 'student' for a plain model."""
+    return {"0": "theta (K=0)", "plain": "student"}.get(str(k), f"K={k}")
+
+
+def build_student(cfg: Config, info) -> DeployableModel:
+    _, flow, theta = check_method(cfg.method.name)
+    backbone = create_model(cfg.student, num_classes=info.num_classes, in_channels=info.in_channels)
+    return DeployableModel(
+        backbone, info.mean, info.std,
+        encoder=cfg.method.encoder if flow else None, encoder_kwargs=cfg.method.encoder_params,
+        schedule=cfg.method.schedule, theta_head=theta,
+        transfer=cfg.method.transfer if flow else "logits",
+        default_steps=cfg.method.train_step_choices()[-1],
+    )
+
+
+def eval_keys(model: DeployableModel, steps) -> list[str]:
+    """Keys to evaluate: "plain" for a plain model; else each K it can run, plus "0" when it has a theta head."""
+    if not model.is_flow:
+        return ["plain"]
+    steps = list(steps) + ([0] if model.theta_head is not None and 0 not in steps else [])
+    return [str(k) for k in model.available_steps(steps)]
+
+
+@torch.no_grad()
+def evaluate(model: DeployableModel, data, keys: list[str], batch_size: int, device, amp: bool = False) -> dict:
+    """Top-1 accuracy (%) on ``data`` for each key ("plain", "0" theta, "K"); Z1 is computed once per batch."""
+    was_training = model.training
+    model.eval()
+    correct = {k: 0 for k in keys}
+    total = 0
+    loader = BatchLoader(data, batch_size, shuffle=False, augment_info=None, seed=0)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda") else nullcontext()
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with ctx:
+            z1 = model.features(images)
+            for k in keys:
+                logits = model.logits_from_features(z1, None if k == "plain" else int(k))
+                correct[k] += int((logits.argmax(1) == labels).sum())
+        total += labels.numel()
+    model.train(was_training)
+    return {k: 100.0 * correct[k] / max(total, 1) for k in keys}
+
+
+def lr_factor(cfg: Config, epoch_progress: float) -> float:
+    """Multiplier of the base LR at a fractional epoch: linear warm-up, then cosine to 0 or step decay."""
+    o, epochs = cfg.optim, cfg.train.epochs
+    if o.warmup_epochs > 0 and epoch_progress < o.warmup_epochs:
+        return (epoch_progress + 1e-8) / o.warmup_epochs
+    if o.scheduler == "cosine":
+        span = max(epochs - o.warmup_epochs, 1e-8)
+        return 0.5 * (1.0 + math.cos(math.pi * min((epoch_progress - o.warmup_epochs) / span, 1.0)))
+    return o.gamma ** sum(1 for m in o.milestones if epoch_progress >= m)
+
+
+def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = [p for p in params if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                               weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        full = f"{prefix}{k}"
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and full not in ("method.loss_params", "method.encoder_params"):
+            keys += config_diff(a, b, full + ".")
+        elif a != b and full not in RESUME_FREE_KEYS:
+            keys.append(full)
+    return keys
+
+
+@dataclass
+class FitResult:
+    out: Path
+    artifact: Path
+    last: dict  # key -> top-1 % at the last epoch
+    best: dict  # key -> best top-1 % over evaluated epochs
+    epochs: int
+    seconds: float
+    teacher: dict | None = None
+    history: list = field(default_factory=list)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise FmktError(f"--resume was given but {path} does not exist; run without --resume to start fresh.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: any unpickling error means the same to the user
+        raise FmktError(f"checkpoint {path} cannot be read ({type(exc).__name__}); it is damaged — "
+                        "delete it to start fresh.") from None
+
+
+def make_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, transient=True, disable=not console.is_terminal,
+    )
+
+
+def fit(cfg: Config, *, teacher: DeployableModel | None = None, teacher_info: dict | None = None,
+        resume: bool = False, console: Console | None = None, extra_info: dict | None = None) -> FitResult:
+    console = console or Console(stderr=True)
+    out = ensure_writable_dir(cfg.out)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    amp = cfg.train.amp and device.type == "cuda"
+
+    train_set, test_set, info = load_dataset(cfg.data.name, cfg.data.dir)
+    if cfg.data.train_subset:
+        train_set = train_set.subset(cfg.data.train_subset, seed=cfg.train.seed)
+    if cfg.data.test_subset:
+        test_set = test_set.subset(cfg.data.test_subset, seed=0)
+    check_images(train_set.images)
+    check_images(test_set.images)
+
+    seed_everything(cfg.train.seed)
+    student = build_student(cfg, info).to(device)
+    if teacher is not None:
+        teacher = teacher.to(device)
+    input_shape = (info.in_channels, *info.image_size)
+    distiller = build_distiller(cfg.method, student, teacher, input_shape=input_shape).to(device)
+
+    optimizer = build_optimizer(cfg, distiller.parameters())
+    loader = BatchLoader(train_set, cfg.data.batch_size, shuffle=True,
+                         augment_info=info if cfg.data.augment else None, seed=cfg.train.seed, drop_last=True)
+    iters = len(loader)
+    if iters == 0:
+        raise FmktError(f"the training set ({len(train_set)} images) is smaller than one batch "
+                        f"({cfg.data.batch_size}); lower data.batch_size.")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it / iters))
+    keys = eval_keys(student, cfg.method.eval_steps)
+
+    start_epoch, start_step, history = 0, 0, []
+    best = {k: -1.0 for k in keys}
+    ckpt_path = out / CHECKPOINT
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        diff = config_diff(ckpt["config"], cfg.to_dict())
+        if diff:
+            raise FmktError(f"--resume refused: the configuration differs from the checkpoint's in {', '.join(diff)}.")
+        distiller.load_learnable_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
+        history, best = list(ckpt["history"]), dict(ckpt["best"])
+        console.print(f"resuming from {ckpt_path}: epoch {start_epoch + 1}, step {start_step}")
+    save_config(cfg, out / "config.yaml")
+    # metrics.jsonl holds exactly the epochs the (resumed) state has seen.
+    with atomic_path(out / METRICS) as tmp:
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+        save_checkpoint(ckpt_path, {
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "model": distiller.learnable_state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+            "config": cfg.to_dict(), "history": history, "best": best, "fmkt_version": __version__,
+        })
+
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
+    t_start = time.perf_counter()
+    last_good = None
+    with make_progress(console) as progress:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            distiller.train()
+            loader.set_epoch(epoch)
+            task = progress.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=iters, loss=0.0, ips=0.0)
+            sums, seen, t0 = {}, 0, time.perf_counter()
+            skip = start_step if epoch == start_epoch else 0
+            for step, (images, labels) in enumerate(loader):
+                if step < skip:
+                    progress.advance(task)
+                    continue
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                with autocast():
+                    _, losses = distiller(images, labels, epoch + step / iters)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    raise FmktError(
+                        f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                        f"The last good checkpoint is {last_good or 'none'}; try a lower --lr.")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * labels.numel()
+                seen += labels.numel()
+                progress.update(task, advance=1, loss=float(loss.detach()),
+                                ips=seen / max(time.perf_counter() - t0, 1e-9))
+                every = cfg.train.checkpoint_every_steps
+                if every and (step + 1) % every == 0 and step + 1 < iters:
+                    checkpoint(epoch, step + 1)
+                    last_good = ckpt_path
+            progress.remove_task(task)
+            record = {
+                "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": sum(sums.values()) / max(seen, 1),
+                **{k: v / max(seen, 1) for k, v in sums.items()},
+                "epoch_seconds": round(time.perf_counter() - t0, 3),
+                "images_per_s": round(seen / max(time.perf_counter() - t0, 1e-9), 1),
+            }
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                acc = evaluate(student, test_set, keys, cfg.data.eval_batch_size, device, amp)
+                record["top1"] = acc
+                best = {k: max(best[k], acc[k]) for k in keys}
+            history.append(record)
+            with open(out / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            accs = ", ".join(f"{step_label(k)} {v:.2f}" for k, v in record.get("top1", {}).items())
+            console.print(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {record['train_loss']:.4f}  "
+                          f"{record['images_per_s']:.0f} img/s  {accs}")
+            checkpoint(epoch + 1, 0)
+            last_good = ckpt_path
+
+    last = history[-1]["top1"]
+    spec = model_spec(student, cfg.student, info.in_channels, info.image_size,
+                      cfg.method.encoder if student.is_flow else None, cfg.method.encoder_params)
+    artifact = save_artifact(out / "artifact", student.cpu(), spec, {
+        "method": cfg.method.name,
+        "loss": cfg.method.loss if cfg.method.name in ("fmkt", "theta", "ofmkt") else cfg.method.name,
+        "train_steps": cfg.method.train_step_choices(),
+        "dataset": {"name": info.name, "num_classes": info.num_classes,
+                    "class_names": list(info.class_names) if info.class_names else None},
+        "metrics": {"last": last, "best": best, "epochs": cfg.train.epochs},
+        "teacher": teacher_info,
+        **(extra_info or {}),
+    })
+    return FitResult(out=out, artifact=artifact, last=last, best=best, epochs=cfg.train.epochs,
+                     seconds=time.perf_counter() - t_start, teacher=teacher_info, history=history)
+
+
+def reload_config(path: Path) -> Config:
+    import yaml
+
+    return config_from_dict(yaml.safe_load(Path(path).read_text()))

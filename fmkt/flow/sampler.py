@@ -1,0 +1,78 @@
+"""The one N-step Euler sampler of FM-KT, shared by training, evaluation, export and the kernels.
+
+    x = Z1
+    for each step (t, dt, p, q), t = 1, (N-1)/N, ..., 1/N:
+        v = encoder(x + e(t))
+        x = x - dt * v                      # Euler step of the ODE toward the teacher
+        estimate = p * Z1 + q * v           # teacher estimate; Z1, not x (rectified flow: Z1 - v)
+        pooled estimate = mean over H, W    # S = pool + linear, so pooling first is exact
+
+Training uses every step's pooled estimate; inference needs only their mean (S is linear, so the head is
+applied once to the mean).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from fmkt.flow.schedules import StepConstants
+
+# One inner update: (x, v, z1, e_next or None, dt, p, q) -> (x_next, u_next or None, pooled_estimate (B, C)).
+StepFn = Callable[..., tuple]
+
+
+def euler_step_reference(x, v, z1, e_next, dt: float, p: float, q: float):
+    """The elementwise part of one step in plain torch (the reference twin of the fused kernel).
+
+    x, v, z1: (B, C, H, W); e_next: (B or 1, C) time embedding of the next step, or None on the last step.
+    Returns x_next = x - dt * v, u_next = x_next + e_next (the next encoder input, None on the last step),
+    and the pooled teacher estimate mean_{H,W}(p * z1 + q * v) of shape (B, C).
+    """
+    x_next = x - dt * v
+    u_next = None if e_next is None else x_next + e_next[:, :, None, None]
+    pooled = (p * z1 + q * v).mean(dim=(2, 3))
+    return x_next, u_next, pooled
+
+
+@dataclass
+class SamplerOutput:
+    pooled_estimates: list  # N tensors (B, C): pooled teacher estimate of each step
+    velocities: list | None  # N tensors (B, C, H, W) when asked for (feature transfer regresses them)
+    final_state: torch.Tensor  # (B, C, H, W): x after the last step
+
+    def mean_pooled(self) -> torch.Tensor:
+        return torch.stack(self.pooled_estimates, 0).mean(0)
+
+
+def time_embeddings(time_embed: nn.Module, steps: Sequence[StepConstants], ref: torch.Tensor) -> torch.Tensor:
+    """(N, C) embeddings e(t_i) of all steps in one call, in ref's dtype and device."""
+    t = torch.tensor([c.t for c in steps], dtype=torch.float32, device=ref.device)
+    return time_embed(t).to(ref.dtype)
+
+
+def run_sampler(
+    z1: torch.Tensor,
+    encoder: nn.Module,
+    time_embed: nn.Module,
+    steps: Sequence[StepConstants],
+    *,
+    return_velocities: bool = False,
+    step_fn: StepFn | None = None,
+) -> SamplerOutput:
+    """Run the Euler loop from Z1 (B, C, H, W); see the module docstring. Nothing is detached."""
+    step_fn = step_fn or euler_step_reference
+    emb = time_embeddings(time_embed, steps, z1)  # (N, C)
+    x = z1
+    u = z1 + emb[0][None, :, None, None]
+    pooled, velocities = [], [] if return_velocities else None
+    for i, c in enumerate(steps):
+        v = encoder(u)
+        e_next = emb[i + 1][None, :] if i + 1 < len(steps) else None
+        x, u, est = step_fn(x, v, z1, e_next, c.dt, c.p, c.q)
+        pooled.append(est)
+        if return_velocities:
+            velocities.append(v)
+    return SamplerOutput(pooled_estimates=pooled, velocities=velocities, final_state=x)

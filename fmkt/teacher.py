@@ -1,0 +1,73 @@
+"""Loading teachers: our own artifacts, or plain state-dict files (.pt/.pth with weights_only=True, .safetensors)."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from fmkt.artifact import is_artifact, load_artifact
+from fmkt.errors import FmktError
+from fmkt.io import sha256_file
+from fmkt.models import create_model
+from fmkt.student import DeployableModel
+
+
+def read_state_dict(path: Path) -> dict:
+    """A state dict from .safetensors, or from .pt/.pth (plain, or under a 'model'/'state_dict' key)."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise FmktError(f"cannot read {path} as safetensors ({exc}).") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FmktError(f"cannot read {path} as a PyTorch weights file ({first[:200]}); "
+                        "expected a state dict saved with torch.save (loaded with weights_only=True).") from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FmktError(f"{path} does not hold a state dict of tensors (also looked under 'model' and 'state_dict').")
+    # Checkpoints saved from DataParallel/DDP prefix every key with 'module.'.
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_teacher(path: str | Path, *, arch: str, num_classes: int, in_channels: int, mean, std,
+                 device="cpu") -> tuple[DeployableModel, dict]:
+    """Returns (frozen teacher in eval mode, {"sha256", "arch", "source", "accuracy"?})."""
+    path = Path(path)
+    if not path.exists():
+        raise FmktError(f"teacher {path} does not exist.")
+    if path.is_dir():
+        if not is_artifact(path):
+            raise FmktError(f"teacher folder {path} is not an fmkt artifact (no fmkt.json); pass the artifact "
+                            "folder or a .pt/.pth/.safetensors weights file.")
+        model, meta = load_artifact(path)
+        info = {"sha256": meta["weights_sha256"], "arch": meta["model"]["arch"], "source": str(path),
+                "accuracy": (meta.get("metrics") or {}).get("last", {}).get("1")}
+    else:
+        state = read_state_dict(path)
+        backbone = create_model(arch, num_classes=num_classes, in_channels=in_channels)
+        try:
+            backbone.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise FmktError(f"teacher weights {path} do not fit {arch} with {num_classes} classes and "
+                            f"{in_channels} input channels ({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}); "
+                            "check --teacher-arch and the dataset.") from None
+        model = DeployableModel(backbone, mean, std)
+        info = {"sha256": sha256_file(path), "arch": arch, "source": str(path), "accuracy": None}
+    if model.num_classes != num_classes:
+        raise FmktError(f"teacher {path} predicts {model.num_classes} classes but the data has {num_classes}.")
+    if model.is_flow:
+        raise FmktError(f"teacher {path} is an FM-KT student artifact; pass a plain (trained with `train`) teacher.")
+    model.eval().requires_grad_(False)
+    return model.to(device), info

@@ -1,0 +1,170 @@
+"""The CLI end to end on tiny settings: train, distill (each method), eval, resume, info, errors."""
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fmkt.cli.app import app
+
+runner = CliRunner()
+TINY = ["--set", "data.train_subset=96", "--set", "data.test_subset=48", "--batch-size", "32",
+        "--set", "teacher.arch=resnet8", "--set", "teacher.epochs=1", "--set", "method.train_steps=2"]
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_help_is_fast_and_lists_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for cmd in ("train", "distill", "eval", "info"):
+        assert cmd in result.output
+
+
+def test_train_writes_artifact_metrics_and_config(tmp_path):
+    out = tmp_path / "t"
+    result = invoke("train", "--model", "resnet8", "--data", "digits", "--epochs", 2, "--out", out, *TINY[:6])
+    assert result.exit_code == 0, result.output
+    metrics = read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert 0.0 <= metrics[-1]["top1"]["plain"] <= 100.0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["student"] == "resnet8" and cfg["method"]["name"] == "none"
+    meta = json.loads((out / "artifact" / "fmkt.json").read_text())
+    assert meta["method"] == "none" and meta["model"]["encoder"] is None
+    assert meta["metrics"]["last"]["plain"] == pytest.approx(metrics[-1]["top1"]["plain"])
+    assert f"{metrics[-1]['top1']['plain']:.2f}" in result.output
+    assert (out / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("method", ["fmkt", "theta", "ofmkt", "kd", "dkd", "dist", "none"])
+def test_distill_each_method(tmp_path, method):
+    out = tmp_path / method
+    result = invoke("distill", "--method", method, "--student", "resnet8", "--epochs", 1, "--eval-steps", "1,2",
+                    "--out", out, *TINY)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "artifact" / "fmkt.json").read_text())
+    assert meta["method"] == method
+    last = meta["metrics"]["last"]
+    if method in ("fmkt", "theta", "ofmkt"):
+        assert set(last) == ({"1", "2", "0"} if method == "theta" else {"1", "2"})
+        assert meta["model"]["encoder"] == "conv"
+    else:
+        assert set(last) == {"plain"}
+    if method in ("fmkt", "theta", "kd", "dkd", "dist"):
+        assert len(meta["teacher"]["sha256"]) == 64
+        assert "teacher" in result.output
+    else:
+        assert meta["teacher"] is None
+    # the artifact never holds the teacher
+    from safetensors import safe_open
+
+    with safe_open(str(out / "artifact" / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("teacher") for k in f.keys())
+    assert f"{list(last.values())[0]:.2f}" in result.output
+
+
+def test_distill_options_reach_the_config(tmp_path):
+    out = tmp_path / "o"
+    result = invoke("distill", "--method", "fmkt", "--loss", "kd", "--encoder", "mlp", "--schedule", "vp",
+                    "--train-steps", "1,2", "--eval-steps", "1,3", "--dirac-ratio", "0.5", "--lr", "0.02",
+                    "--seed", 3, "--epochs", 1, "--out", out, *TINY[:-2])
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    m = cfg["method"]
+    assert (m["loss"], m["encoder"], m["schedule"], m["train_steps"], m["eval_steps"], m["dirac_ratio"]) == \
+        ("kd", "mlp", "vp", "1,2", [1, 3], 0.5)
+    assert cfg["optim"]["lr"] == 0.02 and cfg["train"]["seed"] == 3
+
+
+def test_teacher_is_cached_between_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMKT_CACHE", str(tmp_path / "cache"))
+    first = invoke("distill", "--epochs", 1, "--out", tmp_path / "a", *TINY)
+    assert first.exit_code == 0 and "training resnet8" in first.output
+    second = invoke("distill", "--epochs", 1, "--out", tmp_path / "b", *TINY)
+    assert second.exit_code == 0 and "reusing resnet8" in second.output
+
+
+def test_eval_artifact_at_several_k(tmp_path):
+    out = tmp_path / "th"
+    assert invoke("distill", "--method", "theta", "--epochs", 1, "--out", out, *TINY).exit_code == 0
+    result = invoke("eval", out / "artifact", "--steps", "0,1,2,4", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert set(data["top1"]) == {"0", "1", "2", "4"} and data["images"] == 360
+    table = invoke("eval", out / "artifact", "--steps", "1")
+    assert table.exit_code == 0 and "K=1" in table.output
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
+    args = ["distill", "--epochs", 2, *TINY]
+    full = invoke(*args, "--out", tmp_path / "full")
+    assert full.exit_code == 0, full.output
+
+    import fmkt.engine as engine
+
+    real_evaluate = engine.evaluate
+    calls = {"n": 0}
+
+    def crash_on_second_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(engine, "evaluate", crash_on_second_epoch)
+    broken = invoke(*args, "--out", tmp_path / "res")
+    assert broken.exit_code == 130
+    assert len(read_metrics(tmp_path / "res")) == 1
+    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    resumed = invoke(*args, "--out", tmp_path / "res", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming" in resumed.output
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "res")
+    assert [m["epoch"] for m in b] == [1, 2]
+    assert a[-1]["top1"] == b[-1]["top1"]
+    assert a[-1]["train_loss"] == pytest.approx(b[-1]["train_loss"], rel=1e-6)
+
+
+def test_resume_refuses_changed_config(tmp_path):
+    out = tmp_path / "r"
+    assert invoke("distill", "--epochs", 1, "--out", out, *TINY).exit_code == 0
+    result = invoke("distill", "--epochs", 1, "--out", out, "--resume", "--student", "resnet14", *TINY)
+    assert result.exit_code == 2
+    assert "student" in result.output and "differs" in result.output
+
+
+@pytest.mark.parametrize("args,match", [
+    (["distill", "--student", "resnet9"], "unknown model"),
+    (["distill", "--loss", "ce"], "unknown loss"),
+    (["distill", "--encoder", "lstm"], "unknown encoder"),
+    (["distill", "--schedule", "cosine"], "unknown schedule"),
+    (["distill", "--method", "magic"], "unknown method"),
+    (["distill", "--eval-steps", ""], "empty"),
+    (["distill", "--eval-steps", "1,-2"], ">= 0"),
+    (["distill", "--set", "optim.lrr=1"], "unknown config key"),
+    (["distill", "--teacher", "/no/such/teacher.pt"], "does not exist"),
+    (["distill", "--data", "fashion-mnist", "--data-dir", "/no/such/dir"], "/no/such/dir"),
+    (["distill", "--resume", "--out", "/tmp/fmkt-no-such-run-dir"], "does not exist"),
+    (["eval", "/no/such/artifact"], "does not exist"),
+    (["distill", "--config", "/no/such.yaml"], "does not exist"),
+])
+def test_bad_input_is_one_sentence_exit_2(args, match):
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert match in result.output
+    assert "Traceback" not in result.output
+
+
+def test_info_lists_versions_and_models():
+    result = invoke("info", "--models")
+    assert result.exit_code == 0, result.output
+    for word in ("torch", "onnxruntime", "tensorrt", "resnet32x4", "rectified", "transformer", "digits"):
+        assert word in result.output

@@ -1,0 +1,148 @@
+"""Typed config (YAML, --set, unknown keys), the student artifact and teacher loading."""
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from fmkt.artifact import build_model, load_artifact, model_spec, save_artifact
+from fmkt.config import Config, build_config, parse_set, recipe_names
+from fmkt.errors import FmktError
+from fmkt.models import create_model
+from fmkt.student import DeployableModel
+from fmkt.teacher import load_teacher
+
+
+def test_defaults_are_the_digits_demo():
+    cfg = build_config()
+    assert cfg.data.name == "digits" and cfg.method.name == "fmkt"
+    assert cfg.method.eval_steps == [1, 2, 4, 8]
+
+
+def test_yaml_file_set_and_shortcut_precedence(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"student": "resnet14", "optim": {"lr": 0.2}, "method": {"train_steps": [1, 2]}}))
+    cfg = build_config(str(f), [{"optim": {"lr": 0.3}}, parse_set(["optim.lr=0.4", "method.eval_steps=1,3"])])
+    assert cfg.student == "resnet14"
+    assert cfg.optim.lr == 0.4
+    assert cfg.method.train_step_choices() == [1, 2]
+    assert cfg.method.eval_steps == [1, 3]
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"optim": {"lrr": 1}}, "unknown config key 'optim.lrr'"),
+    ({"nope": 1}, "unknown config key 'nope'"),
+    ({"train": {"epochs": "ten"}}, "train.epochs must be an integer"),
+    ({"method": {"name": "magic"}}, "unknown method"),
+    ({"method": {"encoder": "rnn"}}, "unknown encoder"),
+    ({"method": {"schedule": "cosine"}}, "unknown schedule"),
+    ({"method": {"loss": "ce"}}, "unknown loss"),
+    ({"method": {"eval_steps": []}}, "eval_steps is empty"),
+    ({"method": {"eval_steps": [-1]}}, ">= 0"),
+    ({"method": {"dirac_ratio": 2}}, "dirac_ratio"),
+    ({"train": {"epochs": 0}}, "train.epochs must be >= 1"),
+])
+def test_bad_config_is_one_sentence(bad, match):
+    with pytest.raises(FmktError, match=match):
+        build_config(None, [bad])
+
+
+def test_set_needs_key_value():
+    with pytest.raises(FmktError, match="key=value"):
+        parse_set(["optim.lr"])
+
+
+def test_shipped_recipes_parse_and_validate():
+    names = recipe_names()
+    for want in ("digits", "fashion-mnist", "cifar100_resnet32x4_resnet8x4", "cifar100_wrn_40_2_wrn_16_2",
+                 "cifar100_resnet56_resnet20", "cifar100_vgg13_vgg8"):
+        assert want in names
+    for name in names:
+        cfg = build_config(name)
+        assert isinstance(cfg, Config)
+    paper = build_config("cifar100_resnet32x4_resnet8x4")
+    assert paper.train.epochs == 240 and paper.optim.milestones == [150, 180, 210]
+    assert (paper.teacher.arch, paper.student) == ("resnet32x4", "resnet8x4")
+
+
+def _flow_model(theta=True):
+    torch.manual_seed(0)
+    return DeployableModel(create_model("resnet8", num_classes=4, in_channels=1), (0.3,), (0.4,),
+                           encoder="mlp", schedule="vp", theta_head=theta).eval()
+
+
+def test_artifact_roundtrip_and_tamper_check(tmp_path):
+    model = _flow_model()
+    spec = model_spec(model, "resnet8", 1, (8, 8), "mlp")
+    path = save_artifact(tmp_path / "art", model, spec, {"method": "theta", "metrics": {"last": {"1": 50.0}}})
+    meta = json.loads((path / "fmkt.json").read_text())
+    assert meta["model"]["encoder"] == "mlp" and meta["model"]["schedule"] == "vp"
+    assert meta["model"]["input"]["mean"] == pytest.approx([0.3])
+    assert len(meta["weights_sha256"]) == 64
+    loaded, meta2 = load_artifact(path)
+    x = torch.rand(3, 1, 8, 8)
+    for k in (0, 1, 4):
+        torch.testing.assert_close(loaded(x, steps=k), model(x, steps=k))
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary leftovers
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(FmktError, match="sha256"):
+        load_artifact(path)
+
+
+def test_artifact_errors(tmp_path):
+    with pytest.raises(FmktError, match="does not exist"):
+        load_artifact(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FmktError, match="not an fmkt artifact"):
+        load_artifact(tmp_path / "empty")
+
+
+def _plain_backbone():
+    torch.manual_seed(1)
+    return create_model("resnet8", num_classes=4, in_channels=1)
+
+
+@pytest.mark.parametrize("fmt", ["model", "state_dict", "plain", "module", "safetensors"])
+def test_teacher_from_state_dict_files(tmp_path, fmt):
+    backbone = _plain_backbone()
+    sd = backbone.state_dict()
+    if fmt == "safetensors":
+        path = tmp_path / "t.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        path = tmp_path / "t.pth"
+        obj = {"model": sd, "epoch": 3} if fmt == "model" else {"state_dict": sd} if fmt == "state_dict" else \
+            {f"module.{k}": v for k, v in sd.items()} if fmt == "module" else sd
+        torch.save(obj, path)
+    teacher, info = load_teacher(path, arch="resnet8", num_classes=4, in_channels=1, mean=(0.3,), std=(0.4,))
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(teacher(x), backbone.eval()((x - 0.3) / 0.4))
+    assert len(info["sha256"]) == 64 and not teacher.training
+
+
+def test_teacher_bad_files(tmp_path):
+    kw = dict(arch="resnet8", num_classes=4, in_channels=1, mean=(0.3,), std=(0.4,))
+    with pytest.raises(FmktError, match="does not exist"):
+        load_teacher(tmp_path / "nope.pt", **kw)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(FmktError, match="cannot read"):
+        load_teacher(junk, **kw)
+    lst = tmp_path / "list.pt"
+    torch.save([1, 2, 3], lst)
+    with pytest.raises(FmktError, match="state dict"):
+        load_teacher(lst, **kw)
+    other = tmp_path / "other.pt"
+    torch.save(create_model("resnet8", num_classes=7, in_channels=1).state_dict(), other)
+    with pytest.raises(FmktError, match="do not fit"):
+        load_teacher(other, **kw)
+
+
+def test_build_model_from_spec_matches():
+    model = _flow_model(theta=False)
+    spec = model_spec(model, "resnet8", 1, (8, 8), "mlp")
+    rebuilt = build_model(spec)
+    assert set(rebuilt.state_dict()) == set(model.state_dict())
