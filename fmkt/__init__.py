@@ -1,1 +1,39 @@
+"""fmkt: FM-KT knowledge distillation (flow matching) with a straight road to deployment.
+
+Public API (imported lazily, so `fmkt-cli --help` does not pay for torch):
+    fmkt.create_model(name, num_classes=..., in_channels=...), fmkt.list_models()
+    fmkt.DeployableModel, fmkt.build_config, fmkt.fit, fmkt.load_artifact, fmkt.FmktError
+"""
 __version__ = "0.1.0"
+
+_LAZY = {
+    "create_model": "fmkt.models",
+    "list_models": "fmkt.models",
+    "register_model": "fmkt.models",
+    "DeployableModel": "fmkt.student",
+    "Config": "fmkt.config",
+    "build_config": "fmkt.config",
+    "fit": "fmkt.engine",
+    "evaluate": "fmkt.engine",
+    "load_artifact": "fmkt.artifact",
+    "save_artifact": "fmkt.artifact",
+    "load_dataset": "fmkt.data",
+    "build_distiller": "fmkt.distillers",
+    "build_schedule": "fmkt.flow.schedules",
+    "build_encoder": "fmkt.flow.encoders",
+    "run_sampler": "fmkt.flow.sampler",
+    "FmktError": "fmkt.errors",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fmkt' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]
