@@ -16,6 +16,8 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks for errors.")
+KernelOpt = typer.Option(None, "--kernel", help="Flow-step kernels: auto (Triton on CUDA, else torch) | "
+                                                 "triton | torch.")
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -88,6 +90,7 @@ def train(
     sets: List[str] = typer.Option(None, "--set", help="Override a config key: --set optim.lr=0.1 (repeatable)."),
     out: str = typer.Option("runs/train", "--out", help="Output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
+    kernel: str = KernelOpt,
     debug: bool = DebugOpt,
 ):
     """Plain supervised training (a teacher, or a student alone); writes OUT/artifact."""
@@ -96,7 +99,7 @@ def train(
         from fmkt.pipeline import run_train
 
         cfg = _build(config, sets, student=model, data__name=data, data__dir=data_dir, train__epochs=epochs,
-                     data__batch_size=batch_size, optim__lr=lr, train__seed=seed, out=out)
+                     data__batch_size=batch_size, optim__lr=lr, train__seed=seed, train__kernel=kernel, out=out)
         result = run_train(cfg, resume=resume, console=err_console)
         out_console.print(_result_table(result, f"{cfg.student} on {cfg.data.name}, {result.epochs} epochs"))
         out_console.print(f"artifact: {result.artifact}  ({result.seconds:.0f} s)")
@@ -127,6 +130,7 @@ def distill(
     sets: List[str] = typer.Option(None, "--set", help="Override a config key: --set optim.lr=0.1 (repeatable)."),
     out: str = typer.Option(None, "--out", help="Output folder (default runs/distill)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
+    kernel: str = KernelOpt,
     debug: bool = DebugOpt,
 ):
     """Distill a student from a teacher with FM-KT (or a baseline). With no options: the built-in digits demo."""
@@ -140,7 +144,7 @@ def distill(
                      data__name=data, data__dir=data_dir, method__name=method, method__loss=loss,
                      method__encoder=encoder, method__schedule=schedule, method__train_steps=train_steps,
                      method__eval_steps=steps, method__dirac_ratio=dirac_ratio, train__epochs=epochs,
-                     data__batch_size=batch_size, optim__lr=lr, train__seed=seed, out=out)
+                     data__batch_size=batch_size, optim__lr=lr, train__seed=seed, train__kernel=kernel, out=out)
         result = run_distill(cfg, resume=resume, console=err_console)
         title = (f"{cfg.method.name} ({cfg.method.loss}, {cfg.method.encoder}, {cfg.method.schedule}): "
                  f"{cfg.student} on {cfg.data.name}, {result.epochs} epochs"
@@ -213,6 +217,39 @@ def info(
                                 ("losses", list(METRIC_LOSSES)), ("encoders", list(ENCODERS)),
                                 ("schedules", list(SCHEDULES)), ("recipes", recipe_names())]:
                 out_console.print(f"[bold]{name}[/]: {', '.join(items)}")
+
+    _run(go, debug)
+
+
+@app.command("export")
+def export_cmd(
+    artifact: str = typer.Argument(..., help="Artifact folder (OUT/artifact)."),
+    steps: int = typer.Option(..., "--steps", help="K flow steps to unroll; 0 = the FM-KT^Theta head (or a plain "
+                                                   "student)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx | trt | aoti"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 (float32 input and output kept)."),
+    batch: str = typer.Option("1:32:128", "--batch", help="Batch range MIN:OPT:MAX (TensorRT profile, AOTI bounds)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 17)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output folder (default ARTIFACT/../export-FORMAT-kK)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
+    device: str = typer.Option("auto", "--device", help="aoti: compile for auto | cpu | cuda."),
+    debug: bool = DebugOpt,
+):
+    """Export the student with K steps as one static graph (ONNX, TensorRT engine or AOTInductor) + parity report."""
+
+    def go():
+        from fmkt.export import ParityError, run_export
+
+        result = run_export(artifact, steps, fmt, precision=precision, batch=batch, opset=opset, out=out,
+                            force=force, device=device)
+        for report in result.reports:
+            out_console.print(report.table())
+        out_console.print(f"wrote {result.out}: {', '.join(sorted(set(result.files.values())))}")
+        try:
+            result.raise_for_status()
+        except ParityError as exc:
+            err_console.print(f"[bold red]parity failed:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
 
     _run(go, debug)
 

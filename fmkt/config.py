@@ -79,6 +79,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     checkpoint_every_steps: int = 0  # 0: a checkpoint at the end of every epoch only
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    kernel: str = "auto"  # flow-step kernels: auto (Triton on CUDA, else torch) | triton | torch
 
 
 @dataclass
@@ -257,6 +258,7 @@ def validate(cfg: Config) -> None:
         (cfg.method.transfer, ("logits", "features"), "method.transfer"),
         (cfg.optim.name, ("sgd", "adamw"), "optim.name"),
         (cfg.optim.scheduler, ("cosine", "multistep"), "optim.scheduler"),
+        (cfg.train.kernel, ("auto", "triton", "torch"), "train.kernel"),
     ]
     for value, allowed, key in checks:
         if value not in allowed:

@@ -32,7 +32,7 @@ from fmkt.student import DeployableModel
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 # Keys that may change between a run and its --resume (they do not change the result).
-RESUME_FREE_KEYS = {"out", "train.device", "train.threads"}
+RESUME_FREE_KEYS = {"out", "train.device", "train.threads", "train.kernel"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,6 +198,9 @@ def fit(cfg: Config, *, teacher: DeployableModel | None = None, teacher_info: di
 
     seed_everything(cfg.train.seed)
     student = build_student(cfg, info).to(device)
+    from fmkt.kernels import install_step_kernel  # lazy: Triton is imported only where a kernel can run
+
+    install_step_kernel(student, cfg.train.kernel, device)
     if teacher is not None:
         teacher = teacher.to(device)
     input_shape = (info.in_channels, *info.image_size)

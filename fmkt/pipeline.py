@@ -84,6 +84,10 @@ def run_distill(cfg: Config, *, resume: bool = False, console: Console | None = 
     if resume and not (Path(cfg.out) / CHECKPOINT).is_file():
         raise FmktError(f"--resume was given but {Path(cfg.out) / CHECKPOINT} does not exist; "
                         "run without --resume to start fresh.")
+    if cfg.train.kernel == "triton":  # refuse before a teacher is trained, not after
+        from fmkt.kernels import install_step_kernel
+
+        install_step_kernel(None, "triton", resolve_device(cfg.train.device))
     needs_teacher, _, _ = check_method(cfg.method.name)
     teacher, tinfo = None, None
     if needs_teacher:

@@ -63,6 +63,9 @@ class DeployableModel(nn.Module):
         self.transfer = transfer
         self.default_steps = default_steps
         self.step_fn = None  # None = the torch reference step; the kernels install a fused one
+        # None = the torch loop; fmkt.kernels may install a whole-sampler inference path:
+        # (z1, encoder, time_embed, steps, transfer) -> pooled (B, C), or None to fall back to the loop.
+        self.sampler_fn = None
 
     @property
     def num_classes(self) -> int:
@@ -101,6 +104,10 @@ class DeployableModel(nn.Module):
             return self.theta_head(F.adaptive_avg_pool2d(z1, 1).flatten(1))
         if steps < 0:
             raise FmktError(f"steps must be >= 0, got {steps}.")
+        if self.sampler_fn is not None and not torch.is_grad_enabled():
+            pooled = self.sampler_fn(z1, self.encoder, self.time_embed, self.schedule.steps(steps), self.transfer)
+            if pooled is not None:
+                return self.head(pooled)
         out = self.sample(z1, steps)
         if self.transfer == "features":
             return self.head(out.final_state.mean(dim=(2, 3)))

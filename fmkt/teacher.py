@@ -52,6 +52,9 @@ def load_teacher(path: str | Path, *, arch: str, num_classes: int, in_channels: 
             raise FmktError(f"teacher folder {path} is not an fmkt artifact (no fmkt.json); pass the artifact "
                             "folder or a .pt/.pth/.safetensors weights file.")
         model, meta = load_artifact(path)
+        channels = meta["model"]["input"]["channels"]
+        if channels != in_channels:
+            raise FmktError(f"teacher {path} takes {channels}-channel images but the data has {in_channels} channels.")
         info = {"sha256": meta["weights_sha256"], "arch": meta["model"]["arch"], "source": str(path),
                 "accuracy": (meta.get("metrics") or {}).get("last", {}).get("1")}
     else:

@@ -1,1 +1,144 @@
-"""fmkt."""
+"""fmkt.kernels: Triton fast paths of the flow step, each with its pure-torch reference twin.
+
+- ``euler_step.py``: the fused per-step update x_next, u_next, pooled estimate (forward + backward), for every
+  encoder and schedule; twin: ``fmkt.flow.sampler.euler_step_reference``.
+- ``mlp_sampler.py``: all K steps of the per-pixel ``mlp`` encoder in one launch (inference); twin: the torch
+  loop of ``run_sampler``.
+
+Triton is optional: nothing here imports it until a kernel is asked for. ``install_step_kernel(model, mode)``
+is the one switch: ``auto`` uses the kernels on CUDA and the torch reference elsewhere, ``triton``
+insists (on CPU only with ``TRITON_INTERPRET=1``, which runs the kernels in Triton's interpreter, slowly),
+``torch`` never uses them. Kernels are never traced: under torch.compile, torch.export, ONNX export or
+jit tracing the dispatchers take the torch path.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from fmkt.errors import FmktError
+from fmkt.flow.sampler import euler_step_reference
+
+KERNEL_MODES = ("auto", "triton", "torch")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+__all__ = ["KERNEL_MODES", "install_step_kernel", "kernel_unavailable_reason", "fused_euler_step",
+           "fused_mlp_sampler", "interpret_requested", "triton_import_error"]
+
+
+def interpret_requested() -> bool:
+    """True when TRITON_INTERPRET asks Triton to run kernels on the CPU (read when the kernels are imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def triton_import_error() -> str | None:
+    """None when Triton and our kernel modules import; else why not, in a few words."""
+    try:
+        from fmkt.kernels import euler_step, mlp_sampler  # noqa: F401  (decorates the kernels)
+    except Exception as exc:  # ImportError, or a broken install: either way the kernels are unusable
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    return None
+
+
+def kernel_unavailable_reason(device: torch.device | str) -> str | None:
+    """None when the kernels can run on tensors of ``device``; else a short reason."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+    elif device.type != "cpu" or not interpret_requested():
+        return f"this run is on the {device.type.upper() if device.type == 'cpu' else device.type}"
+    err = triton_import_error()
+    if err:
+        return f"Triton cannot be imported ({err})"
+    if device.type == "cpu":
+        from fmkt.kernels import euler_step
+
+        if not euler_step.INTERPRETED:
+            return "the kernels were imported before TRITON_INTERPRET=1 was set"
+    return None
+
+
+def _tracing() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    for name in ("is_compiling", "is_exporting"):
+        fn = getattr(compiler, name, None)
+        if fn is not None and fn():
+            return True
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+
+
+def _kernel_runs_on(*tensors) -> bool:
+    """The kernels take these tensors: one CUDA device (or CPU interpreted), float dtypes, not being traced."""
+    first = tensors[0]
+    if first.is_cuda:
+        ok_device = all(t.device == first.device for t in tensors)
+    elif first.device.type == "cpu":
+        ok_device = interpret_requested() and all(t.device.type == "cpu" for t in tensors)
+        if ok_device:
+            from fmkt.kernels import euler_step
+
+            ok_device = euler_step.INTERPRETED
+    else:
+        return False
+    return ok_device and all(t.dtype in _DTYPES for t in tensors) and not _tracing()
+
+
+def fused_euler_step(x, v, z1, e_next, dt: float, p: float, q: float):
+    """A ``StepFn`` for run_sampler: the fused Triton step where it can run, else ``euler_step_reference``."""
+    tensors = (x, v, z1) if e_next is None else (x, v, z1, e_next)
+    if _kernel_runs_on(*tensors):
+        from fmkt.kernels.euler_step import FusedEulerStep
+
+        return FusedEulerStep.apply(x, v, z1, e_next, dt, p, q)
+    return euler_step_reference(x, v, z1, e_next, dt, p, q)
+
+
+def fused_mlp_sampler(z1: torch.Tensor, encoder, time_embed, steps: Sequence, transfer: str = "logits"):
+    """Whole-sampler inference for the ``mlp`` encoder: the pooled features S needs (B, C), or None.
+
+    None (the caller runs the torch loop) when gradients are on, the encoder is not the built-in MLPEncoder,
+    or the kernel cannot run on z1. transfer: ``logits`` -> mean of the pooled step estimates; ``features``
+    -> pooled final state.
+    """
+    if torch.is_grad_enabled() or not _kernel_runs_on(z1):
+        return None
+    from fmkt.kernels.mlp_sampler import mlp_sampler_forward, mlp_sampler_supported
+
+    if not mlp_sampler_supported(encoder, z1.shape[1]):
+        return None
+    est, fin = mlp_sampler_forward(z1, encoder, time_embed, steps)
+    return fin if transfer == "features" else est
+
+
+def install_step_kernel(model, mode: str = "auto", device: torch.device | str | None = None) -> str:
+    """Point ``model.step_fn`` / ``model.sampler_fn`` at the kernels (or at nothing: the torch reference).
+
+    model: a DeployableModel (a plain model without a meta-encoder gets nothing; None only checks the mode). device: where it will run
+    (default: its parameters' device). Returns the path taken, "triton" or "torch". ``mode="triton"`` where
+    the kernels cannot run raises FmktError.
+    """
+    if mode not in KERNEL_MODES:
+        raise FmktError(f"unknown kernel {mode!r}; choose one of {', '.join(KERNEL_MODES)}.")
+    if device is None and model is not None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device if device is not None else "cpu")
+    use = False
+    if mode == "triton":
+        reason = kernel_unavailable_reason(device)
+        if reason:
+            raise FmktError(f"--kernel triton needs a CUDA GPU with Triton installed, but {reason}; use "
+                            "--kernel auto (or torch), or set TRITON_INTERPRET=1 to run the kernels "
+                            "interpreted on CPU (slow).")
+        use = True
+    elif mode == "auto":
+        # CUDA only (the interpreter is for tests and --kernel triton): a CPU run never even imports Triton.
+        use = device.type == "cuda" and kernel_unavailable_reason(device) is None
+    if getattr(model, "encoder", None) is None:
+        return "triton" if use else "torch"
+    model.step_fn = fused_euler_step if use else None
+    model.sampler_fn = fused_mlp_sampler if use else None
+    return "triton" if use else "torch"

@@ -84,6 +84,11 @@ class FMKTDistiller(Distiller):
     def forward_train(self, images, labels, progress=0.0):
         if self.student.transfer == "features":
             return self._forward_features(images, labels, progress)
+        _, logits, losses = self._logit_transfer(images, labels, progress)
+        return logits, losses
+
+    def _logit_transfer(self, images, labels, progress):
+        """The serial FM-KT loop on logits -> (Z1, ensemble logits, {"loss_ce", "loss_kd"})."""
         cfg, n = self.cfg, self._steps()
         z0 = apply_dirac_ratio(self.teacher_logits(images), cfg.dirac_ratio)
         z1 = self.student.features(images)
@@ -93,7 +98,7 @@ class FMKTDistiller(Distiller):
         loss_kd = sum(self.metric(y, z0, labels, wf) for y in preds) * (cfg.loss_weight / n)
         loss_ce = sum(self._ce(y, labels) for y in preds) * (cfg.ce_weight / n)
         logits = torch.stack(preds, 0).mean(0)
-        return logits, {"loss_ce": loss_ce, "loss_kd": loss_kd}
+        return z1, logits, {"loss_ce": loss_ce, "loss_kd": loss_kd}
 
     def _forward_features(self, images, labels, progress):
         """Feature transfer: regress each step's velocity onto a'(t) Z1 + s'(t) T(Z0) with PKD."""
@@ -124,21 +129,12 @@ class ThetaDistiller(FMKTDistiller):
         super().__init__(student, teacher, cfg, input_shape)
 
     def forward_train(self, images, labels, progress=0.0):
-        cfg, n = self.cfg, self._steps()
-        z0 = apply_dirac_ratio(self.teacher_logits(images), cfg.dirac_ratio)
-        z1 = self.student.features(images)
-        out = self.student.sample(z1, n)
-        wf = warmup_factor(cfg, progress)
-        preds = [self.student.head(p) for p in out.pooled_estimates]
-        logits = torch.stack(preds, 0).mean(0)
+        z1, logits, losses = self._logit_transfer(images, labels, progress)
         theta = self.student.theta_head(F.adaptive_avg_pool2d(z1, 1).flatten(1))
-        return logits, {
-            "loss_ce": sum(self._ce(y, labels) for y in preds) * (cfg.ce_weight / n),
-            "loss_kd": sum(self.metric(y, z0, labels, wf) for y in preds) * (cfg.loss_weight / n),
-            "loss_theta": cfg.theta_weight * (
-                self.metric(theta, logits.detach(), labels, wf) + cfg.ce_weight * self._ce(theta, labels)
-            ),
-        }
+        wf = warmup_factor(self.cfg, progress)
+        losses["loss_theta"] = self.cfg.theta_weight * (
+            self.metric(theta, logits.detach(), labels, wf) + self.cfg.ce_weight * self._ce(theta, labels))
+        return logits, losses
 
 
 class OFMKTDistiller(FMKTDistiller):

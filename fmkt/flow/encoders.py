@@ -121,6 +121,7 @@ class WindowAttentionEncoder(nn.Module):
 
     def _attention(self, x):
         b, _, h, w = x.shape
+        h, w = int(h), int(w)  # Python ints even under the ONNX tracer: only the batch stays dynamic
         ws = min(self.window, max(h, w))
         ph, pw = (-h) % ws, (-w) % ws
         qkv = self.qkv(x)

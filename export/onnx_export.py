@@ -1,0 +1,214 @@
+"""ONNX: export the static module, check it, convert to FP16, attach metadata, prove TensorRT readiness.
+
+The exporter is torch's TorchScript-based one (``dynamo=False``): it is an order of magnitude faster than the
+dynamo exporter on these graphs, folds constants, and emits opset 17 (inside TensorRT 8.5 - 11's range).
+Input ``images`` (B, C, H, W) float32 raw in [0, 1]; output ``logits`` (B, classes) float32; only B is dynamic.
+"""
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import warnings
+
+import torch
+from torch import nn
+
+from fmkt.errors import FmktError
+from fmkt.export.trt_operators import CONSTANT_INPUTS, SUPPORTED_OPS, TRT_OPSET_MAX, TRT_OPSET_MIN
+from fmkt.export.trt_operators import SOURCE as TRT_SOURCE
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+BATCH_DIM = "batch"
+DEFAULT_OPSET = 17
+OPSET_RANGE = (13, 20)  # what the TorchScript exporter writes and onnxruntime runs
+
+
+def require(name: str, extra: str = "export"):
+    """Import an optional dependency or say in one sentence how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise FmktError(f"{name} is not installed; install fmkt's {extra} extra (pip install onnx onnxscript "
+                        f"onnxruntime) and rerun.") from None
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET):
+    """Trace ``module`` on ``example`` (B >= 2, so the batch is not baked in) -> onnx.ModelProto (run cleanup())."""
+    onnx = require("onnx")
+    if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
+        raise FmktError(f"--opset {opset} is outside the supported range {OPSET_RANGE[0]}-{OPSET_RANGE[1]}; "
+                        f"the default {DEFAULT_OPSET} suits TensorRT 8.5 and newer.")
+    if example.shape[0] < 2:
+        raise ValueError("trace with batch >= 2, or the exporter bakes the batch size into the graph")
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            module, (example,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}},
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def cleanup(model):
+    """Constant folding and redundant-node removal by onnxruntime's basic (standard-ONNX-only) optimizer.
+
+    It folds what the tracer left as runtime arithmetic on static shapes (padding amounts, attention masks), so
+    every non-batch dimension is static; unused opset imports it adds are dropped again.
+    """
+    onnx, ort = require("onnx"), require("onnxruntime")
+    import os
+    import tempfile
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = os.path.join(tmp, "folded.onnx")
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        folded = onnx.load(opts.optimized_model_filepath)
+    used = {n.domain for n in folded.graph.node} | {""}
+    keep = [o for o in folded.opset_import if o.domain in used or o.domain == "ai.onnx"]
+    del folded.opset_import[:]
+    folded.opset_import.extend(keep)
+    folded.producer_name, folded.producer_version = model.producer_name, model.producer_version
+    return check_onnx(folded)
+
+
+def check_onnx(model):
+    """onnx.checker (full check) and strict shape inference; returns the model with inferred shapes."""
+    onnx = require("onnx")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise RuntimeError(f"the exported ONNX graph does not pass onnx's checks: {exc}") from exc
+
+
+def to_fp16(model):
+    """An FP16 graph (weights and compute) whose input and output stay float32."""
+    require("onnx")
+    float16 = require("onnxruntime.transformers.float16")
+    half = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    _topological_sort(half.graph)  # the converter appends its input Casts after their consumers
+    return check_onnx(half)
+
+
+def _topological_sort(graph) -> None:
+    """Reorder graph.node in place so every node comes after the producers of its inputs (stable)."""
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = [n for n in pending if not set(n.input) <= ready]
+        done = [n for n in pending if set(n.input) <= ready]
+        if not done:
+            raise RuntimeError("the ONNX graph has a cycle or an input no node produces")
+        for n in done:
+            ordered.append(n)
+            ready.update(n.output)
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def set_metadata(model, meta: dict) -> None:
+    """Each top-level key as a metadata_props entry (JSON for non-strings), plus the whole under 'fmkt_export'."""
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "fmkt_export", json.dumps(meta)
+    model.producer_name, model.doc_string = "fmkt", "fmkt static graph: raw images in [0, 1] -> logits"
+
+
+def read_metadata(model) -> dict:
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props["fmkt_export"]) if "fmkt_export" in props else {}
+
+
+def graph_summary(model) -> dict:
+    """Node count, op histogram, opset and whether any control flow (Loop, If, Scan) is left."""
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    return {"nodes": len(model.graph.node), "ops": dict(sorted(ops.items())), "opset": opset,
+            "control_flow": sorted(op for op in ops if op in ("Loop", "If", "Scan"))}
+
+
+def _dims(value_info) -> list:
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return [None]
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def trt_readiness(model) -> list[str]:
+    """Problems that would stop TensorRT from building this graph (empty = ready).
+
+    Checks: every op (default domain) is in TensorRT's supported ONNX operator list, no control flow, the
+    opset is within TensorRT's range, inputs the matrix requires constant are constant, and every tensor's
+    shape is known with only dim 0 (the batch) dynamic.
+    """
+    problems = []
+    summary = graph_summary(model)
+    lo, hi = TRT_OPSET_MIN, max(TRT_OPSET_MAX.values())
+    if not lo <= summary["opset"] <= hi:
+        problems.append(f"opset {summary['opset']} is outside TensorRT's range {lo}-{hi}")
+    if summary["opset"] > TRT_OPSET_MAX["8.5"]:
+        problems.append(f"opset {summary['opset']} needs TensorRT 10 or newer (8.5 reads up to 17)")
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            problems.append(f"node {node.name} uses the custom domain {node.domain!r}")
+        elif node.op_type not in SUPPORTED_OPS:
+            problems.append(f"op {node.op_type} (node {node.name}) is not in TensorRT's supported ONNX operators")
+    if summary["control_flow"]:
+        problems.append(f"control flow left in the graph: {', '.join(summary['control_flow'])}")
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    for node in model.graph.node:
+        for pos in CONSTANT_INPUTS.get(node.op_type, ()):
+            if pos < len(node.input) and node.input[pos] and node.input[pos] not in constants:
+                problems.append(f"input {pos} of {node.op_type} node {node.name} must be a constant for TensorRT")
+    problems += static_shape_problems(model)
+    return problems
+
+
+def static_shape_problems(model, batch: int = 3) -> list[str]:
+    """Fix the batch to ``batch`` and infer shapes: every tensor must then be fully static (so the batch is the
+    only dynamic dimension; onnx cannot name products like batch * windows, hence the concrete batch)."""
+    onnx = require("onnx")
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    for vi in [*fixed.graph.input, *fixed.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = batch
+    fixed = onnx.shape_inference.infer_shapes(fixed, strict_mode=True, data_prop=True)
+    problems = []
+    for vi in [*fixed.graph.input, *fixed.graph.output, *fixed.graph.value_info]:
+        dims = _dims(vi)
+        if not all(isinstance(d, int) for d in dims):
+            problems.append(f"tensor {vi.name} has a dynamic dimension other than the batch: {dims}")
+    return problems
+
+
+def ort_session(model_bytes: bytes):
+    ort = require("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(model_bytes, opts, providers=providers)
+
+
+def ort_run(session, images: torch.Tensor) -> torch.Tensor:
+    (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: images.detach().cpu().float().numpy()})
+    return torch.from_numpy(out)

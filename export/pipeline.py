@@ -1,0 +1,188 @@
+"""``fmkt-cli export``: artifact -> static graph (onnx | trt | aoti) + export.json + parity.json, atomically.
+
+Output folder (default ``<artifact>/../export-<format>-k<K>[-fp16]``):
+- onnx: ``model.onnx``; trt: ``model.onnx`` + ``model.plan`` + ``timing.cache``; aoti: ``model.pt2``;
+- always ``export.json`` (the metadata, also inside the ONNX's ``metadata_props``) and ``parity.json``.
+The folder is built under a temporary name and renamed into place; an existing one needs ``force``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fmkt import __version__
+from fmkt.artifact import load_artifact
+from fmkt.engine import resolve_device
+from fmkt.errors import FmktError
+from fmkt.io import atomic_dir
+from fmkt.export.graph import check_steps, static_module
+from fmkt.export.parity import ParityError, check_parity, parity_images
+
+FORMATS = ("onnx", "trt", "aoti")
+PRECISIONS = ("fp32", "fp16")
+DEFAULT_BATCH = "1:32:128"
+PARITY_BATCH = 64  # images in the parity batch (capped by the profile's max batch)
+NORMALISATION = "folded into the graph: pass raw images in [0, 1], (x - mean) / std runs inside"
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    files: dict
+    meta: dict
+    reports: list  # ParityReport per runtime checked (ONNX Runtime, then the TensorRT engine when built)
+    engine_error: FmktError | None = None  # trt without TensorRT or a GPU: the ONNX was still written
+    notes: list = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.reports)
+
+    def raise_for_status(self) -> None:
+        """ParityError when the gate was breached, else TensorRTUnavailable when no engine could be built."""
+        for report in self.reports:
+            if not report.passed:
+                raise ParityError(f"{report.breach()}; the files were kept in {self.out} for inspection.")
+        if self.engine_error is not None:
+            raise self.engine_error
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    """'MIN:OPT:MAX' (or one number N = N:N:N) -> (min, opt, max) with 1 <= min <= opt <= max."""
+    try:
+        parts = [int(p) for p in str(text).split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
+        raise FmktError(f"--batch must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got {text!r}.")
+    return parts[0], parts[1], parts[2]
+
+
+def default_out(artifact: str | Path, fmt: str, steps: int, precision: str) -> Path:
+    suffix = "-fp16" if precision == "fp16" else ""
+    return Path(artifact).resolve().parent / f"export-{fmt}-k{steps}{suffix}"
+
+
+def export_metadata(meta: dict, model, steps: int, fmt: str, precision: str, batch: tuple, opset: int | None) -> dict:
+    """What export.json and the ONNX metadata_props say about the graph."""
+    spec = meta["model"]
+    inp = spec["input"]
+    kind = ("flow, K steps unrolled" if model.is_flow and steps >= 1 else
+            "FM-KT^Theta head (no encoder)" if model.is_flow else "plain student (no flow)")
+    return {
+        "format": "fmkt-export",
+        "fmkt_version": __version__,
+        "target": fmt,
+        "graph": kind,
+        "steps": steps,
+        "schedule": spec.get("schedule") if model.is_flow else None,
+        "encoder": spec.get("encoder"),
+        "transfer": spec.get("transfer") if model.is_flow else None,
+        "method": meta.get("method"),
+        "arch": spec.get("arch"),
+        "num_classes": spec["num_classes"],
+        "class_names": (meta.get("dataset") or {}).get("class_names"),
+        "precision": precision,
+        "input": {"name": "images", "shape": ["batch", inp["channels"], *inp["size"]], "dtype": "float32",
+                  "range": inp.get("range", [0.0, 1.0]), "mean": inp["mean"], "std": inp["std"],
+                  "normalisation": NORMALISATION},
+        "output": {"name": "logits", "shape": ["batch", spec["num_classes"]], "dtype": "float32"},
+        "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+        "opset": opset,
+        "source": {"weights_sha256": meta.get("weights_sha256"), "fmkt_version": meta.get("fmkt_version"),
+                   "dataset": (meta.get("dataset") or {}).get("name")},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run_export(artifact: str | Path, steps: int, fmt: str = "onnx", *, precision: str = "fp32",
+               batch: str | tuple = DEFAULT_BATCH, opset: int | None = None, out: str | Path | None = None,
+               force: bool = False, device: str = "auto") -> ExportResult:
+    """Export ``artifact`` with K = ``steps`` to ``fmt``; write the folder; return the files and the parity report.
+
+    Raises FmktError for user errors before anything is written. A parity breach or a missing TensorRT does not
+    raise here (the files are written first): call ``result.raise_for_status()``.
+    """
+    from fmkt.export import onnx_export as ox
+
+    if fmt not in FORMATS:
+        raise FmktError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    if precision not in PRECISIONS:
+        raise FmktError(f"unknown precision {precision!r}; choose fp32 or fp16.")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise FmktError(f"--steps must be an integer >= 0, got {steps!r}.")
+    lo, opt, hi = parse_batch(batch) if isinstance(batch, str) else parse_batch(":".join(map(str, batch)))
+    if fmt == "aoti" and opset is not None:
+        raise FmktError("--opset only applies to the onnx and trt formats.")
+    opset = ox.DEFAULT_OPSET if opset is None and fmt != "aoti" else opset
+    dev = resolve_device(device) if fmt == "aoti" else torch.device("cpu")
+    model, meta = load_artifact(artifact)
+    check_steps(model, steps, meta.get("method"))
+    out = Path(out) if out is not None else default_out(artifact, fmt, steps, precision)
+    if out.exists() and not force:
+        raise FmktError(f"{out} already exists; pass --force to overwrite it.")
+    if out.exists() and not out.is_dir():
+        raise FmktError(f"output path {out} exists and is a file; pass a folder path with --out.")
+    if fmt in ("onnx", "trt"):
+        ox.require("onnx"), ox.require("onnxruntime")
+
+    module = static_module(model, steps, meta.get("method"))
+    info = export_metadata(meta, model, steps, fmt, precision, (lo, opt, hi), opset if fmt != "aoti" else None)
+    info["source"]["artifact"] = str(Path(artifact).resolve())
+    images, data = parity_images(meta, min(PARITY_BATCH, hi))
+    example = images[:2] if len(images) >= 2 else images.repeat(2, 1, 1, 1)  # trace with B >= 2
+    reference = lambda x: model(x, steps=steps if model.is_flow else None)  # noqa: E731
+    batches = [lo, len(images)]
+    files: dict = {}
+    engine_error = None
+    with atomic_dir(out, overwrite=force) as tmp:
+        if fmt in ("onnx", "trt"):
+            graph = ox.cleanup(ox.export_onnx(module, example, opset))
+            if precision == "fp16":
+                graph = ox.to_fp16(graph)
+            info["graph_summary"] = ox.graph_summary(graph)
+            problems = ox.trt_readiness(graph)
+            info["tensorrt_readiness"] = {"ready": not problems, "problems": problems,
+                                          "operator_list": ox.TRT_SOURCE}
+            ox.set_metadata(graph, info)
+            (tmp / "model.onnx").write_bytes(graph.SerializeToString())
+            files["onnx"] = "model.onnx"
+            session = ox.ort_session(graph.SerializeToString())
+            target = f"onnxruntime {session.get_providers()[0]}"
+            runner = lambda x: ox.ort_run(session, x)  # noqa: E731
+        else:
+            from fmkt.export.aoti import export_aoti, load_aoti
+
+            info["aoti"] = export_aoti(module, example, tmp / "model.pt2", (lo, opt, hi), precision, dev)
+            files["aoti"] = "model.pt2"
+            runner = load_aoti(tmp / "model.pt2", dev)
+            target = f"AOTInductor ({dev.type})"
+        reports = [check_parity(reference, runner, images, batches, precision, target, data)]
+        if fmt == "trt" and reports[0].passed:
+            from fmkt.export.tensorrt_engine import EngineRunner, TensorRTUnavailable, build_engine, load_tensorrt
+
+            try:
+                load_tensorrt(out / "model.onnx")  # one sentence and exit 2 when TensorRT or a GPU is missing
+                info["tensorrt"] = build_engine(tmp / "model.onnx", tmp / "model.plan", tmp / "timing.cache",
+                                                tuple(images.shape[1:]), (lo, opt, hi), precision,
+                                                reuse_cache=out / "timing.cache")
+                files.update(engine="model.plan", timing_cache="timing.cache")
+                reports.append(check_parity(reference, EngineRunner(tmp / "model.plan"), images, batches, precision,
+                                      f"TensorRT {info['tensorrt']['tensorrt']}", data))
+            except TensorRTUnavailable as exc:
+                engine_error = exc
+                info["tensorrt"] = {"built": False, "reason": str(exc)}
+        passed = all(r.passed for r in reports)
+        info["parity"] = {"passed": passed, "file": "parity.json", "targets": [r.target for r in reports]}
+        info["files"] = {**files, "metadata": "export.json", "parity": "parity.json"}
+        (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+        parity = {"passed": passed, "reports": [r.to_dict() for r in reports]}
+        (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
+    return ExportResult(out=out, files=info["files"], meta=info, reports=reports, engine_error=engine_error)
+

@@ -1,0 +1,36 @@
+"""TensorRT's supported ONNX operators, checked in so TensorRT readiness can be proven without TensorRT.
+
+Source: onnx/onnx-tensorrt, ``docs/operators.md`` at commit 6d0ab7be324d02c7feb3a306b6fdbeae84f71ddc
+("TensorRT 8.5 supports operators up to Opset 17"): every operator marked ``Y`` in its support matrix.
+It is the conservative baseline: later parsers (TensorRT 10.x, 11.x) keep these and add more (e.g.
+LayerNormalization, GroupNormalization), so a graph made only of these ops parses on TensorRT 8.5 and newer.
+
+Opset range: the parser is backward compatible to opset 9; the newest opset it reads is 17 on TensorRT 8.5,
+22 on TensorRT 10.x (onnx-tensorrt README) and 25 on TensorRT 11.x (NVIDIA's "ONNX Opset Guide"). fmkt
+exports opset 17 by default, inside every one of those ranges.
+"""
+from __future__ import annotations
+
+SOURCE = ("onnx/onnx-tensorrt docs/operators.md @ 6d0ab7be324d02c7feb3a306b6fdbeae84f71ddc "
+          "(TensorRT 8.5, opset <= 17)")
+
+TRT_OPSET_MIN = 9
+TRT_OPSET_MAX = {"8.5": 17, "10": 22, "11": 25}
+
+SUPPORTED_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu Clip
+Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout Einsum
+Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool
+GlobalMaxPool Greater GreaterOrEqual GridSample GRU HardSwish HardSigmoid Identity If ImageScaler
+InstanceNormalization IsNaN LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul
+Max MaxPool Mean MeanVarianceNormalization Min Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad
+ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range
+Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
+ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements
+ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt
+Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+""".split())
+
+# The matrix's "must be an initializer / constant" restrictions: op -> input positions.
+CONSTANT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Slice": (3,), "Squeeze": (1,), "Unsqueeze": (1,),
+                   "TopK": (1,), "CumSum": (1,)}
