@@ -37,6 +37,7 @@ def parse_args(argv=None):
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--work", default="runs/bench-accuracy", help="run folders")
     ap.add_argument("--out", default="benchmarks/results/accuracy_fashion-mnist.json")
+    ap.add_argument("--report-only", action="store_true", help="only print the table of the runs saved in --out")
     return ap.parse_args(argv)
 
 
@@ -73,12 +74,12 @@ def summarise(results: dict) -> list[dict]:
 
 def markdown(results: dict) -> str:
     cfg = results["config"]
-    head = ("| method | student (plain) | K=1 | K=2 | K=4 | K=8 | theta (K=0) | s / run |\n"
-            "|---|---|---|---|---|---|---|---|")
+    head = ("| method | seeds | student (plain) | K=1 | K=2 | K=4 | K=8 | theta (K=0) | s / run |\n"
+            "|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for row in summarise(results):
         cells = [f"{row[k][0]:.2f} ± {row[k][1]:.2f}" if k in row else "" for k in KEYS]
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row['seconds']:.0f} |")
+        lines.append(f"| {row['method']} | {row['seeds']} | " + " | ".join(cells) + f" | {row['seconds']:.0f} |")
     t = results["teacher"]
     return (f"Teacher {t['arch']}: {t['accuracy']:.2f} % top-1. Student {cfg['student']}; "
             f"{cfg['train']['epochs']} epochs on {cfg['data']['train_subset'] or 'all'} training images; "
@@ -95,6 +96,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    if args.report_only:
+        print(markdown(results))
+        return 0
     done = {(r["method"], r["seed"]) for r in results["runs"]}
 
     base = build_config(args.recipe, [overrides(args, train={"seed": 0}, out=f"{args.work}/teacher")])

@@ -77,6 +77,17 @@ def _result_table(result, title: str) -> Table:
     return table
 
 
+def _report(result, title: str) -> None:
+    """The result table on rank 0 (or a plain process); under torchrun every rank also states its top-1."""
+    if result.world_size > 1:
+        err_console.print(f"rank {result.rank}/{result.world_size} top-1: {json.dumps(result.last, sort_keys=True)}",
+                          highlight=False, soft_wrap=True)
+    if result.rank != 0:
+        return
+    out_console.print(_result_table(result, title))
+    out_console.print(f"artifact: {result.artifact}  ({result.seconds:.0f} s)")
+
+
 @app.command()
 def train(
     model: str = typer.Option(None, "--model", help="Architecture to train (see `fmkt-cli info --models`)."),
@@ -101,8 +112,7 @@ def train(
         cfg = _build(config, sets, student=model, data__name=data, data__dir=data_dir, train__epochs=epochs,
                      data__batch_size=batch_size, optim__lr=lr, train__seed=seed, train__kernel=kernel, out=out)
         result = run_train(cfg, resume=resume, console=err_console)
-        out_console.print(_result_table(result, f"{cfg.student} on {cfg.data.name}, {result.epochs} epochs"))
-        out_console.print(f"artifact: {result.artifact}  ({result.seconds:.0f} s)")
+        _report(result, f"{cfg.student} on {cfg.data.name}, {result.epochs} epochs")
 
     _run(go, debug)
 
@@ -150,8 +160,7 @@ def distill(
                  f"{cfg.student} on {cfg.data.name}, {result.epochs} epochs"
                  if cfg.method.name in ("fmkt", "theta", "ofmkt") else
                  f"{cfg.method.name}: {cfg.student} on {cfg.data.name}, {result.epochs} epochs")
-        out_console.print(_result_table(result, title))
-        out_console.print(f"artifact: {result.artifact}  ({result.seconds:.0f} s)")
+        _report(result, title)
 
     _run(go, debug)
 

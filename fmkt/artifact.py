@@ -68,7 +68,9 @@ def save_artifact(path: str | Path, model: DeployableModel, spec: dict, info: di
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(path) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "fmkt": __version__})
+        # one metadata key: safetensors writes its metadata map in hash order, so two keys would make the bytes
+        # (and the sha256) of identical weights differ from run to run; the fmkt version is in fmkt.json
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         meta = {
             "format": "fmkt-artifact",
             "format_version": FORMAT_VERSION,

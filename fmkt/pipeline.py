@@ -14,7 +14,7 @@ from fmkt.artifact import load_artifact, is_artifact
 from fmkt.config import Config
 from fmkt.data import dataset_info, load_dataset
 from fmkt.distillers import check_method
-from fmkt.engine import CHECKPOINT, FitResult, eval_keys, evaluate, fit, resolve_device
+from fmkt.engine import CHECKPOINT, FitResult, check_output_dir, distributed, env_rank, eval_keys, evaluate, fit, resolve_device
 from fmkt.errors import FmktError
 from fmkt.teacher import load_teacher
 
@@ -73,14 +73,34 @@ def teacher_accuracy(teacher, cfg: Config) -> float:
     return evaluate(teacher, test, ["plain"], cfg.data.eval_batch_size, device)["plain"]
 
 
+def _rank_console(console: Console | None) -> Console:
+    """The given console on rank 0 (or a plain process); a silent one on the other torchrun ranks."""
+    if env_rank()[0] != 0:
+        return Console(stderr=True, quiet=True)
+    return console or Console(stderr=True)
+
+
 def run_train(cfg: Config, *, resume: bool = False, console: Console | None = None) -> FitResult:
-    """Plain supervised training of cfg.student (a teacher, or a student alone)."""
+    """Plain supervised training of cfg.student (a teacher, or a student alone); DDP under torchrun."""
     cfg.method.name = "none"
-    return fit(cfg, resume=resume, console=console)
+    with distributed(cfg.train.device):
+        return fit(cfg, resume=resume, console=_rank_console(console))
 
 
 def run_distill(cfg: Config, *, resume: bool = False, console: Console | None = None) -> FitResult:
-    console = console or Console(stderr=True)
+    """Distill cfg.student from cfg.teacher (or the cached default teacher); DDP under torchrun.
+
+    Under torchrun every rank trains the missing default teacher together (rank 0 writes it to the cache, the
+    others wait at a barrier), then every rank loads the same frozen copy.
+    """
+    console = _rank_console(console)
+    with distributed(cfg.train.device):
+        return _distill(cfg, resume, console)
+
+
+def _distill(cfg: Config, resume: bool, console: Console) -> FitResult:
+    if env_rank()[0] == 0:
+        check_output_dir(cfg.out)  # before a teacher is trained, not after
     if resume and not (Path(cfg.out) / CHECKPOINT).is_file():
         raise FmktError(f"--resume was given but {Path(cfg.out) / CHECKPOINT} does not exist; "
                         "run without --resume to start fresh.")

@@ -25,9 +25,14 @@ def read_state_dict(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+        if "Weights only load failed" in str(exc):  # torch's own text is a page long
+            raise FmktError(f"cannot read {path} as a PyTorch weights file: it holds Python objects other than "
+                            "tensors, which are never unpickled (weights_only=True); save model.state_dict() "
+                            "instead.") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FmktError(f"cannot read {path} as a PyTorch weights file ({first[:200]}); "
-                        "expected a state dict saved with torch.save (loaded with weights_only=True).") from None
+        first = first.split(". ")[0].rstrip(".")
+        raise FmktError(f"cannot read {path} as a PyTorch weights file ({first[:200]}); it is truncated or not "
+                        "a state dict saved with torch.save (read with weights_only=True).") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if key in obj and isinstance(obj[key], dict):
@@ -68,6 +73,11 @@ def load_teacher(path: str | Path, *, arch: str, num_classes: int, in_channels: 
                             "check --teacher-arch and the dataset.") from None
         model = DeployableModel(backbone, mean, std)
         info = {"sha256": sha256_file(path), "arch": arch, "source": str(path), "accuracy": None}
+    bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()),
+               None)
+    if bad is not None:  # a diverged teacher would only surface later as a NaN loss
+        raise FmktError(f"teacher {path} has NaN or Inf weights (first in {bad}); pass a teacher that trained "
+                        "without diverging.")
     if model.num_classes != num_classes:
         raise FmktError(f"teacher {path} predicts {model.num_classes} classes but the data has {num_classes}.")
     if model.is_flow:
