@@ -9,12 +9,11 @@ average on 32x32 input, whose last map is 1x1) is replaced by adaptive average p
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
-from ._base import ZooModel, check_in_channels
+from ._base import ZooModel, check_in_channels, init_weights_mdistiller
 from ._registry import register_model
 
 __all__ = ["MobileNetV2", "InvertedResidual"]
@@ -99,18 +98,7 @@ class MobileNetV2(ZooModel):
         return self.classifier[0]
 
     def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / n))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        init_weights_mdistiller(self)
 
 
 @register_model

@@ -11,22 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import ZooModel, check_in_channels
+from ._base import ShuffleBlock, ZooModel, check_in_channels
 from ._registry import register_model
 
 __all__ = ["ShuffleNet", "Bottleneck", "ShuffleBlock"]
-
-
-class ShuffleBlock(nn.Module):
-    def __init__(self, groups: int):
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Channel shuffle: [N,C,H,W] -> [N,g,C/g,H,W] -> [N,C/g,g,H,W] -> [N,C,H,W]."""
-        n, c, h, w = x.shape
-        g = self.groups
-        return x.reshape(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
 
 
 class Bottleneck(nn.Module):

@@ -11,13 +11,12 @@ average pool before ``classifier``.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import ZooModel, check_in_channels
+from ._base import ZooModel, check_in_channels, init_weights_mdistiller
 from ._registry import register_model
 
 __all__ = ["VGG", "cfg"]
@@ -81,18 +80,7 @@ class VGG(ZooModel):
         return nn.Sequential(*layers[:-1])
 
     def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / n))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        init_weights_mdistiller(self)
 
 
 @register_model
