@@ -175,7 +175,7 @@ def slug(text: str) -> str:
 
 def write_results(out: Path, meta: dict, rows: list) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels_{slug(meta['device'])}_torch{meta['torch']}_triton{meta['triton']}"
+    stem = slug(f"kernels_{meta['device']}_torch{meta['torch']}_triton{meta['triton']}")
     jpath, cpath = out / f"{stem}.json", out / f"{stem}.csv"
     tmp = jpath.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

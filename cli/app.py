@@ -88,10 +88,21 @@ def _report(result, title: str) -> None:
     out_console.print(f"artifact: {result.artifact}  ({result.seconds:.0f} s)")
 
 
+def _teacher_arch(arch: str | None, model: str | None) -> str | None:
+    """--teacher-arch and --teacher-model both set teacher.arch; two different values are refused."""
+    if arch and model and arch != model:
+        from fmkt.errors import FmktError
+
+        raise FmktError(f"--teacher-arch {arch!r} and --teacher-model {model!r} disagree; give one of them.")
+    return model or arch
+
+
 @app.command()
 def train(
-    model: str = typer.Option(None, "--model", help="Architecture to train (see `fmkt-cli info --models`)."),
-    data: str = typer.Option(None, "--data", help="digits | mnist | fashion-mnist | cifar10 | cifar100"),
+    model: str = typer.Option(None, "--model", help="Architecture to train (see `fmkt-cli info --models`), or an "
+                                                    "import path pkg.module:factory."),
+    data: str = typer.Option(None, "--data", help="digits | mnist | fashion-mnist | cifar10 | cifar100, or "
+                                                  "pkg.module:factory returning (train, test) datasets."),
     data_dir: str = typer.Option(None, "--data-dir", help="Dataset folder (default per dataset)."),
     epochs: int = typer.Option(None, "--epochs"),
     batch_size: int = typer.Option(None, "--batch-size"),
@@ -121,9 +132,13 @@ def train(
 def distill(
     teacher: str = typer.Option(None, "--teacher", help="Teacher: an fmkt artifact folder or a .pt/.pth/.safetensors "
                                                         "state dict. Default: train one (cached)."),
-    teacher_arch: str = typer.Option(None, "--teacher-arch", help="Architecture of a state-dict teacher file."),
-    student: str = typer.Option(None, "--student", help="Student architecture."),
-    data: str = typer.Option(None, "--data", help="digits (default) | mnist | fashion-mnist | cifar10 | cifar100"),
+    teacher_arch: str = typer.Option(None, "--teacher-arch", help="Architecture of a state-dict teacher file (and of "
+                                                                  "the default teacher): a zoo name."),
+    teacher_model: str = typer.Option(None, "--teacher-model", help="The teacher as pkg.module:factory (or a zoo "
+                                                                    "name); --teacher PATH gives its weights."),
+    student: str = typer.Option(None, "--student", help="Student architecture: a zoo name or pkg.module:factory."),
+    data: str = typer.Option(None, "--data", help="digits (default) | mnist | fashion-mnist | cifar10 | cifar100, "
+                                                  "or pkg.module:factory returning (train, test) datasets."),
     data_dir: str = typer.Option(None, "--data-dir"),
     method: str = typer.Option(None, "--method", help="fmkt | theta | ofmkt | kd | dkd | dist | none"),
     loss: str = typer.Option(None, "--loss", help="Metric loss D for FM-KT: kd | dkd | dist | pkd | mse"),
@@ -150,7 +165,8 @@ def distill(
         from fmkt.pipeline import run_distill
 
         steps = parse_int_list(eval_steps, "--eval-steps") if eval_steps is not None else None
-        cfg = _build(config, sets, teacher__path=teacher, teacher__arch=teacher_arch, student=student,
+        cfg = _build(config, sets, teacher__path=teacher, teacher__arch=_teacher_arch(teacher_arch, teacher_model),
+                     student=student,
                      data__name=data, data__dir=data_dir, method__name=method, method__loss=loss,
                      method__encoder=encoder, method__schedule=schedule, method__train_steps=train_steps,
                      method__eval_steps=steps, method__dirac_ratio=dirac_ratio, train__epochs=epochs,
@@ -259,6 +275,56 @@ def export_cmd(
         except ParityError as exc:
             err_console.print(f"[bold red]parity failed:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
+
+    _run(go, debug)
+
+
+@app.command()
+def bench(
+    source: str = typer.Argument(..., help="Artifact folder (OUT/artifact) or export folder (export-*)."),
+    backends: Optional[str] = typer.Option(None, "--backends", help="Comma list of eager, compile, cudagraph, "
+                                           "onnxruntime, trt, aoti. Default: eager,onnxruntime on CPU; "
+                                           "eager,cudagraph,onnxruntime,trt on CUDA."),
+    batch: str = typer.Option("1,64", "--batch", help="Batch sizes, e.g. 1,64."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="K values, e.g. 0,1,2,4,8 (default: those the model "
+                                        "can run; 0 = theta head). The student alone is always timed too."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 and/or fp16, e.g. fp32,fp16."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    warmup: int = typer.Option(10, "--warmup", help="Untimed calls before each measurement."),
+    iters: int = typer.Option(100, "--iters", help="Timed calls per measurement."),
+    out: Optional[str] = typer.Option(None, "--out", help="JSON file; the CSV and PNG go next to it "
+                                      "(default ARTIFACT/../bench/bench-DEVICE.json)."),
+    debug: bool = DebugOpt,
+):
+    """Latency per K, backend and precision (p50/p90/p99, img/s, x the student alone) + JSON, CSV, PNG."""
+
+    def go():
+        from fmkt.bench import BenchSettings, result_table, run_bench, skipped_lines
+        from fmkt.config import parse_int_list
+
+        def words(text, key):
+            items = [w for w in str(text).replace(" ", "").split(",") if w]
+            if not items:
+                from fmkt.errors import FmktError
+
+                raise FmktError(f"{key} is empty; give a comma-separated list.")
+            return items
+
+        settings = BenchSettings(
+            backends=words(backends, "--backends") if backends is not None else None,
+            batches=parse_int_list(batch, "--batch", minimum=1),
+            steps=parse_int_list(steps, "--steps") if steps is not None else None,
+            precisions=words(precision, "--precision"), device=device, warmup=warmup, iters=iters, out=out)
+        result = run_bench(source, settings, console=err_console)
+        out_console.print(result_table(result))
+        for line in skipped_lines(result.rows):
+            out_console.print(f"[yellow]{line}[/]", highlight=False)
+        for note in result.info["notes"]:
+            out_console.print(f"note: {note}", highlight=False)
+        if not result.info["plot"]["written"]:
+            out_console.print(f"note: {result.info['plot']['reason']}", highlight=False)
+        out_console.print(f"wrote {', '.join(result.files.values())} ({result.seconds:.0f} s; estimated "
+                          f"{result.estimate_s:.0f} s)", highlight=False)
 
     _run(go, debug)
 

@@ -27,6 +27,10 @@ class ConstantTimeEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("table", table)
 
+    @property
+    def precomputed(self) -> torch.Tensor:
+        return self.table
+
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.table
 

@@ -3,6 +3,12 @@
 Public API (imported lazily, so `fmkt-cli --help` does not pay for torch):
     fmkt.create_model(name, num_classes=..., in_channels=...), fmkt.list_models()
     fmkt.DeployableModel, fmkt.build_config, fmkt.fit, fmkt.load_artifact, fmkt.FmktError
+
+Your own models (README "Python API and your own models"; fmkt/api.py):
+    fm = fmkt.FMKT(student, teacher, example=images, loss="dist", encoder="conv", train_steps=8)
+    fm.loss(images, labels) in your loop (optimise fm.parameters()), or fm.fit(loader, epochs=...)
+    fm.evaluate(loader, steps=[1, 2, 4]); fm.save("runs/x/artifact"); fmkt.export_artifact("runs/x/artifact", 4)
+    fmkt.wrap_student(model, example) shows where the feature map and the head were found.
 """
 __version__ = "0.1.0"
 
@@ -23,6 +29,10 @@ _LAZY = {
     "build_encoder": "fmkt.flow.encoders",
     "run_sampler": "fmkt.flow.sampler",
     "FmktError": "fmkt.errors",
+    "FMKT": "fmkt.api",
+    "wrap_student": "fmkt.api",
+    "export_artifact": "fmkt.api",
+    "ModuleAdapter": "fmkt.adapter",
 }
 
 

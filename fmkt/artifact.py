@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from fmkt import __version__
 from fmkt.errors import FmktError
 from fmkt.io import atomic_dir, sha256_file
-from fmkt.models import create_model
+from fmkt.adapter import ModuleAdapter, create_backbone
 from fmkt.student import DeployableModel
 
 FORMAT_VERSION = 1
@@ -27,10 +27,16 @@ META = "fmkt.json"
 
 def model_spec(model: DeployableModel, arch: str, in_channels: int, input_size, encoder_name: str | None,
                encoder_params: dict | None = None, arch_kwargs: dict | None = None) -> dict:
-    """The architecture part of fmkt.json: enough to rebuild ``model`` with ``build_model``."""
+    """The architecture part of fmkt.json: enough to rebuild ``model`` with ``build_model``.
+
+    ``arch`` is a zoo name or an import path ``pkg.module:factory``; for the latter, ``adapter`` records where the
+    feature map and the head were found (see fmkt.adapter), and the module must be importable where it is loaded.
+    """
+    adapter = model.backbone.options if isinstance(model.backbone, ModuleAdapter) else None
     return {
         "arch": arch,
         "arch_kwargs": dict(arch_kwargs or {}),
+        **({"adapter": adapter} if adapter is not None else {}),
         "num_classes": model.num_classes,
         "num_features": model.num_features,
         "encoder": encoder_name if model.is_flow else None,
@@ -50,8 +56,9 @@ def model_spec(model: DeployableModel, arch: str, in_channels: int, input_size, 
 
 
 def build_model(spec: dict) -> DeployableModel:
-    backbone = create_model(spec["arch"], num_classes=spec["num_classes"], in_channels=spec["input"]["channels"],
-                            **spec.get("arch_kwargs", {}))
+    backbone = create_backbone(spec["arch"], num_classes=spec["num_classes"], in_channels=spec["input"]["channels"],
+                               input_size=spec["input"]["size"], options=spec.get("adapter"),
+                               check_head=spec.get("encoder") is not None, **spec.get("arch_kwargs", {}))
     return DeployableModel(
         backbone, spec["input"]["mean"], spec["input"]["std"],
         encoder=spec.get("encoder"), encoder_kwargs=spec.get("encoder_params") or {},

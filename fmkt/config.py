@@ -29,7 +29,9 @@ class DataConfig:
 @dataclass
 class TeacherConfig:
     path: str | None = None  # our artifact folder, or a .pt/.pth/.safetensors state dict
-    arch: str = "wrn_16_2"  # architecture for a state-dict file, and of the teacher distill trains itself
+    arch: str = "wrn_16_2"  # architecture (zoo name or pkg.module:factory) of a state-dict file / the default teacher
+    options: dict = field(default_factory=dict)  # import-path teacher: feature_layer, classifier (see fmkt.adapter)
+    key_map: dict = field(default_factory=dict)  # prefix renames {old: new} applied to a state-dict file's keys
     epochs: int = 15  # when distill trains the default teacher itself
     lr: float = 0.05
 
@@ -84,7 +86,8 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    student: str = "resnet8"
+    student: str = "resnet8"  # a zoo name or an import path pkg.module:factory
+    student_options: dict = field(default_factory=dict)  # import-path student: feature_layer, classifier
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -237,38 +240,66 @@ def build_config(config_file: str | None = None, overrides: list[dict] | None = 
 
 def validate(cfg: Config) -> None:
     """Check every name and range up front, before anything is trained."""
+    from fmkt.adapter import ADAPTER_OPTIONS
     from fmkt.data import dataset_info
     from fmkt.distillers import check_method
+    from fmkt.imports import is_import_path, resolve
     from fmkt.models import list_models
 
     check_method(cfg.method.name)
     models = list_models()
     for value, key in [(cfg.student, "student"), (cfg.teacher.arch, "teacher.arch")]:
-        if value not in models:
-            raise FmktError(f"unknown model {value!r} ({key}); choose one of {', '.join(models)}.")
-    dataset_info(cfg.data.name)
-    cfg.method.train_step_choices()
-    cfg.method.eval_steps = parse_int_list(cfg.method.eval_steps, "method.eval_steps", minimum=0)
-    if not 0.0 <= cfg.method.dirac_ratio <= 1.0:
-        raise FmktError(f"method.dirac_ratio must be in [0, 1], got {cfg.method.dirac_ratio}.")
-    checks = [
-        (cfg.method.encoder, ("conv", "mlp", "transformer"), "method.encoder"),
-        (cfg.method.schedule, ("rectified", "vp", "ve"), "method.schedule"),
-        (cfg.method.loss, ("kd", "dkd", "dist", "pkd", "mse"), "method.loss"),
-        (cfg.method.transfer, ("logits", "features"), "method.transfer"),
+        if is_import_path(value):
+            resolve(value, f"model factory ({key})")
+        elif value not in models:
+            raise FmktError(f"unknown model {value!r} ({key}); choose one of {', '.join(models)} or give an "
+                            "import path pkg.module:factory.")
+    for options, key in [(cfg.student_options, "student_options"), (cfg.teacher.options, "teacher.options")]:
+        bad = sorted(set(options) - set(ADAPTER_OPTIONS))
+        if bad:
+            raise FmktError(f"unknown config key '{key}.{bad[0]}'; valid keys here: {', '.join(ADAPTER_OPTIONS)}.")
+    info = dataset_info(cfg.data.name, cfg.data.dir)
+    for arch, options in [(cfg.student, cfg.student_options), (cfg.teacher.arch, cfg.teacher.options)]:
+        if is_import_path(arch):  # the factory runs and its model takes one dry-run batch, before any work
+            from fmkt.adapter import create_backbone
+
+            create_backbone(arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                            input_size=info.image_size, options=options, check_head=False)
+    validate_method(cfg.method)
+    _check_names([
         (cfg.optim.name, ("sgd", "adamw"), "optim.name"),
         (cfg.optim.scheduler, ("cosine", "multistep"), "optim.scheduler"),
         (cfg.train.kernel, ("auto", "triton", "torch"), "train.kernel"),
-    ]
-    for value, allowed, key in checks:
-        if value not in allowed:
-            raise FmktError(f"unknown {key.split('.')[-1]} {value!r} ({key}); choose one of {', '.join(allowed)}.")
+    ])
     for value, key in [(cfg.train.epochs, "train.epochs"), (cfg.data.batch_size, "data.batch_size"),
                        (cfg.data.eval_batch_size, "data.eval_batch_size"), (cfg.train.eval_every, "train.eval_every")]:
         if value < 1:
             raise FmktError(f"{key} must be >= 1, got {value}.")
     if cfg.optim.lr <= 0:
         raise FmktError(f"optim.lr must be > 0, got {cfg.optim.lr}.")
+
+
+def validate_method(m: MethodConfig) -> None:
+    """The method section alone (the Python API builds one without a whole Config)."""
+    from fmkt.distillers import check_method
+
+    check_method(m.name)
+    m.train_step_choices()
+    m.eval_steps = parse_int_list(m.eval_steps, "method.eval_steps", minimum=0)
+    if not 0.0 <= m.dirac_ratio <= 1.0:
+        raise FmktError(f"method.dirac_ratio must be in [0, 1], got {m.dirac_ratio}.")
+    _check_names([
+        (m.encoder, ("conv", "mlp", "transformer"), "method.encoder"),
+        (m.schedule, ("rectified", "vp", "ve"), "method.schedule"),
+        (m.loss, ("kd", "dkd", "dist", "pkd", "mse"), "method.loss"),
+        (m.transfer, ("logits", "features"), "method.transfer"),
+    ])
+
+
+def _check_names(checks) -> None:
+    for value, allowed, key in checks:
+        if value not in allowed:
+            raise FmktError(f"unknown {key.split('.')[-1]} {value!r} ({key}); choose one of {', '.join(allowed)}.")
 
 
 def save_config(cfg: Config, path: Path) -> None:

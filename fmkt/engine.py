@@ -29,13 +29,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fmkt import __version__
+from fmkt.adapter import create_backbone
 from fmkt.artifact import model_spec, save_artifact
 from fmkt.config import Config, config_from_dict, save_config
 from fmkt.data import BatchLoader, ImageTensors, check_images, load_dataset
 from fmkt.distillers import build_distiller, check_method
 from fmkt.errors import FmktError
 from fmkt.io import atomic_path, ensure_writable_dir
-from fmkt.models import create_model
 from fmkt.student import DeployableModel
 
 CHECKPOINT = "checkpoint.pt"
@@ -102,7 +102,8 @@ def step_label(k) -> str:
 
 def build_student(cfg: Config, info) -> DeployableModel:
     _, flow, theta = check_method(cfg.method.name)
-    backbone = create_model(cfg.student, num_classes=info.num_classes, in_channels=info.in_channels)
+    backbone = create_backbone(cfg.student, num_classes=info.num_classes, in_channels=info.in_channels,
+                               input_size=info.image_size, options=cfg.student_options, check_head=flow)
     return DeployableModel(
         backbone, info.mean, info.std,
         encoder=cfg.method.encoder if flow else None, encoder_kwargs=cfg.method.encoder_params,
@@ -127,29 +128,39 @@ def evaluate(model: DeployableModel, data, keys: list[str], batch_size: int, dev
     Under DDP each rank counts its shard (items r, r + W, ...) and the counts are summed: every rank returns the
     same numbers, those of the whole set (the caller makes the models equal first).
     """
-    was_training = model.training
-    model.eval()
-    correct = {k: 0 for k in keys}
-    total = 0
     if ddp_active():
         rank, world = dist.get_rank(), dist.get_world_size()
         data = ImageTensors(data.images[rank::world], data.labels[rank::world])
     loader = BatchLoader(data, batch_size, shuffle=False, augment_info=None, seed=0)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda") else nullcontext()
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with ctx:
-            z1 = model.features(images)
-            for k in keys:
-                logits = model.logits_from_features(z1, None if k == "plain" else int(k))
-                correct[k] += int((logits.argmax(1) == labels).sum())
-        total += labels.numel()
+    correct, total = count_correct(model, loader, keys, device, amp)
     if ddp_active():
         counts = torch.tensor([correct[k] for k in keys] + [total], dtype=torch.float64, device=device)
         dist.all_reduce(counts)
         correct, total = {k: int(c) for k, c in zip(keys, counts[:-1].tolist())}, int(counts[-1])
-    model.train(was_training)
     return {k: 100.0 * correct[k] / max(total, 1) for k in keys}
+
+
+@torch.no_grad()
+def count_correct(model: DeployableModel, batches, keys: list[str], device, amp: bool = False) -> tuple[dict, int]:
+    """({key: correct top-1 count}, images) over ``batches`` of (images, labels, ...); Z1 once per batch."""
+    was_training = model.training
+    model.eval()
+    correct = {k: 0 for k in keys}
+    total = 0
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda") else nullcontext()
+    for images, labels, *_ in batches:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with ctx:
+            if keys == ["plain"]:
+                outputs = {"plain": model(images)}
+            else:
+                z1 = model.features(images)
+                outputs = {k: model.logits_from_features(z1, None if k == "plain" else int(k)) for k in keys}
+        for k, logits in outputs.items():
+            correct[k] += int((logits.argmax(1) == labels).sum())
+        total += labels.numel()
+    model.train(was_training)
+    return correct, total
 
 
 def lr_factor(cfg: Config, epoch_progress: float) -> float:
@@ -293,8 +304,8 @@ def _fit(cfg: Config, teacher, teacher_info, resume, console, extra_info) -> Fit
         train_set = train_set.subset(cfg.data.train_subset, seed=cfg.train.seed)
     if cfg.data.test_subset:
         test_set = test_set.subset(cfg.data.test_subset, seed=0)
-    check_images(train_set.images)
-    check_images(test_set.images)
+    check_images(train_set.images, info.in_channels)
+    check_images(test_set.images, info.in_channels)
 
     seed_everything(cfg.train.seed)  # the same seed on every rank: identical initial weights and RNG draws
     student = build_student(cfg, info).to(device)

@@ -14,8 +14,10 @@ from fmkt.artifact import load_artifact, is_artifact
 from fmkt.config import Config
 from fmkt.data import dataset_info, load_dataset
 from fmkt.distillers import check_method
-from fmkt.engine import CHECKPOINT, FitResult, check_output_dir, distributed, env_rank, eval_keys, evaluate, fit, resolve_device
+from fmkt.engine import (CHECKPOINT, FitResult, build_student, check_output_dir, distributed, env_rank, eval_keys,
+                         evaluate, fit, resolve_device)
 from fmkt.errors import FmktError
+from fmkt.imports import is_import_path
 from fmkt.teacher import load_teacher
 
 
@@ -29,6 +31,7 @@ def teacher_config(cfg: Config) -> Config:
     """The config of the default teacher: plain CE training of teacher.arch on the same data and seed."""
     t = copy.deepcopy(cfg)
     t.student = cfg.teacher.arch
+    t.student_options = dict(cfg.teacher.options)
     t.method.name = "none"
     t.method.label_smoothing = 0.0
     t.optim.lr = cfg.teacher.lr
@@ -40,19 +43,21 @@ def teacher_config(cfg: Config) -> Config:
 
 def teacher_cache_key(t: Config) -> str:
     relevant = {"student": t.student, "data": t.data.__dict__, "optim": t.optim.__dict__,
+                **({"student_options": t.student_options} if t.student_options else {}),
                 "epochs": t.train.epochs, "seed": t.train.seed}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def obtain_teacher(cfg: Config, console: Console):
     """Load cfg.teacher.path, or train the default teacher once and reuse it from the cache."""
-    info = dataset_info(cfg.data.name)
+    info = dataset_info(cfg.data.name, cfg.data.dir)
     device = resolve_device(cfg.train.device)
     if cfg.teacher.path:
         return load_teacher(cfg.teacher.path, arch=cfg.teacher.arch, num_classes=info.num_classes,
-                            in_channels=info.in_channels, mean=info.mean, std=info.std, device=device)
+                            in_channels=info.in_channels, mean=info.mean, std=info.std, device=device,
+                            input_size=info.image_size, options=cfg.teacher.options, key_map=cfg.teacher.key_map)
     t = teacher_config(cfg)
-    folder = cache_dir() / f"{t.data.name}-{t.student}-{teacher_cache_key(t)}"
+    folder = cache_dir() / f"{t.data.name}-{t.student}-{teacher_cache_key(t)}".replace(":", "-")
     artifact = folder / "artifact"
     if is_artifact(artifact):
         console.print(f"teacher: reusing {t.student} from {artifact}")
@@ -62,7 +67,7 @@ def obtain_teacher(cfg: Config, console: Console):
         t.out = str(folder)
         fit(t, console=console)
     return load_teacher(artifact, arch=t.student, num_classes=info.num_classes, in_channels=info.in_channels,
-                        mean=info.mean, std=info.std, device=device)
+                        mean=info.mean, std=info.std, device=device, input_size=info.image_size)
 
 
 def teacher_accuracy(teacher, cfg: Config) -> float:
@@ -109,6 +114,8 @@ def _distill(cfg: Config, resume: bool, console: Console) -> FitResult:
 
         install_step_kernel(None, "triton", resolve_device(cfg.train.device))
     needs_teacher, _, _ = check_method(cfg.method.name)
+    if is_import_path(cfg.student):  # a student FM-KT cannot use is refused before a teacher is trained
+        build_student(cfg, dataset_info(cfg.data.name, cfg.data.dir))
     teacher, tinfo = None, None
     if needs_teacher:
         teacher, tinfo = obtain_teacher(cfg, console)

@@ -69,7 +69,8 @@ class DeployableModel(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.backbone.get_classifier().out_features
+        n = getattr(self.backbone, "num_classes", None)  # a ModuleAdapter knows it from its dry run
+        return n if n is not None else self.backbone.get_classifier().out_features
 
     @property
     def num_features(self) -> int:
@@ -114,6 +115,8 @@ class DeployableModel(nn.Module):
         return self.head(out.mean_pooled())
 
     def forward(self, x: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        if self.encoder is None:  # a plain model: the backbone's own forward (a user's teacher may give only logits)
+            return self.backbone(self.normalize(x))
         return self.logits_from_features(self.features(x), steps)
 
     def available_steps(self, candidates) -> list[int]:

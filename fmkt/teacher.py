@@ -1,4 +1,10 @@
-"""Loading teachers: our own artifacts, or plain state-dict files (.pt/.pth with weights_only=True, .safetensors)."""
+"""Loading teachers: our own artifacts, or plain state-dict files (.pt/.pth with weights_only=True, .safetensors).
+
+A state-dict file is loaded strictly into ``arch``: a zoo name or a user's ``pkg.module:factory`` (whose own key
+names the file then holds). The CIFAR zoo uses mdistiller/RepDistiller's parameter names, so their published
+teachers (``{"model": state_dict, "accuracy": ..., "epoch": ..., "optimizer": ...}``) load as they are; a file
+with other names loads through ``key_map``, prefix renames applied after the ``module.`` prefix is dropped.
+"""
 from __future__ import annotations
 
 import pickle
@@ -11,12 +17,13 @@ from safetensors.torch import load_file
 from fmkt.artifact import is_artifact, load_artifact
 from fmkt.errors import FmktError
 from fmkt.io import sha256_file
-from fmkt.models import create_model
+from fmkt.adapter import create_backbone, unwrap
 from fmkt.student import DeployableModel
 
 
-def read_state_dict(path: Path) -> dict:
-    """A state dict from .safetensors, or from .pt/.pth (plain, or under a 'model'/'state_dict' key)."""
+def read_state_dict(path: Path, key_map: dict | None = None) -> dict:
+    """A state dict from .safetensors, or from .pt/.pth (plain, or under a 'model'/'state_dict' key beside any
+    other entries such as 'epoch', 'accuracy' or 'optimizer'); ``key_map`` renames key prefixes {old: new}."""
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
@@ -43,12 +50,26 @@ def read_state_dict(path: Path) -> dict:
     # Checkpoints saved from DataParallel/DDP prefix every key with 'module.'.
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+    return map_keys(obj, key_map) if key_map else obj
+
+
+def map_keys(state: dict, key_map: dict) -> dict:
+    """Rename key prefixes: {"old.": "new."} turns "old.x" into "new.x" (the longest matching prefix wins)."""
+    prefixes = sorted(key_map, key=len, reverse=True)
+    out = {}
+    for key, value in state.items():
+        old = next((p for p in prefixes if key.startswith(p)), None)
+        out[key if old is None else key_map[old] + key[len(old):]] = value
+    return out
 
 
 def load_teacher(path: str | Path, *, arch: str, num_classes: int, in_channels: int, mean, std,
-                 device="cpu") -> tuple[DeployableModel, dict]:
-    """Returns (frozen teacher in eval mode, {"sha256", "arch", "source", "accuracy"?})."""
+                 device="cpu", input_size=(32, 32), options: dict | None = None,
+                 key_map: dict | None = None) -> tuple[DeployableModel, dict]:
+    """Returns (frozen teacher in eval mode, {"sha256", "arch", "source", "accuracy"?}).
+
+    ``input_size`` (H, W) sizes the dry run of an import-path ``arch``; ``options`` its feature_layer/classifier.
+    """
     path = Path(path)
     if not path.exists():
         raise FmktError(f"teacher {path} does not exist.")
@@ -63,10 +84,11 @@ def load_teacher(path: str | Path, *, arch: str, num_classes: int, in_channels: 
         info = {"sha256": meta["weights_sha256"], "arch": meta["model"]["arch"], "source": str(path),
                 "accuracy": (meta.get("metrics") or {}).get("last", {}).get("1")}
     else:
-        state = read_state_dict(path)
-        backbone = create_model(arch, num_classes=num_classes, in_channels=in_channels)
+        state = read_state_dict(path, key_map)
+        backbone = create_backbone(arch, num_classes=num_classes, in_channels=in_channels, input_size=input_size,
+                                   options=options, check_head=False)
         try:
-            backbone.load_state_dict(state, strict=True)
+            unwrap(backbone).load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise FmktError(f"teacher weights {path} do not fit {arch} with {num_classes} classes and "
                             f"{in_channels} input channels ({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}); "

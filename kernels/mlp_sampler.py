@@ -27,6 +27,7 @@ from fmkt.flow.schedules import StepConstants
 from fmkt.kernels.euler_step import INTERPRETED, _empty
 
 MAX_CHANNELS = 512  # the state tile holds all channels of BLOCK_P pixels; beyond this it would spill
+NUM_STAGES = None  # software-pipelining depth of the launch (None: Triton's default)
 
 __all__ = ["mlp_sampler_forward", "mlp_sampler_reference", "mlp_sampler_supported", "MAX_CHANNELS"]
 
@@ -146,14 +147,26 @@ def _packed_weights(encoder: MLPEncoder, dtype: torch.dtype, device: torch.devic
 
 
 def _tiles(c: int, hw: int, hid: int) -> tuple[int, int, int, int]:
-    """(BLOCK_P, BLOCK_C, BLOCK_H, num_warps); tl.dot needs every dimension >= 16."""
+    """(BLOCK_P, BLOCK_C, BLOCK_H, num_warps); tl.dot needs every dimension >= 16.
+
+    BLOCK_P is at most 32 (16 below 128 channels): on an H100 (Triton 3.6) a 64-pixel tile with 16-bit operands
+    gave wrong sums and an illegal memory access (2 x 17 x 5 x 7, fp16/bf16), while 16- and 32-pixel tiles matched
+    the torch loop in every case checked; see BENCHMARKS.md, kernels."""
     block_c = max(16, triton.next_power_of_2(c))
     block_h = max(16, min(64, triton.next_power_of_2(max(hid, c))))
     if INTERPRETED:
         return max(16, triton.next_power_of_2(hw)), block_c, max(16, triton.next_power_of_2(max(hid, c))), 4
-    block_p = 16 if block_c >= 512 else 32 if block_c >= 128 else 64
+    block_p = 16 if block_c >= 512 or block_c < 128 else 32
     block_p = max(16, min(block_p, triton.next_power_of_2(hw)))
     return block_p, block_c, block_h, 8 if block_c >= 256 else 4
+
+
+def _stages(dtype: torch.dtype, block_c: int) -> int | None:
+    """Pipelining depth: 1 for fp32 operands from 256 channels (the default asked 303 KB of shared memory for
+    C = 256 on an H100, over its 227 KB), else Triton's default. ``NUM_STAGES`` overrides."""
+    if NUM_STAGES:
+        return NUM_STAGES
+    return 1 if dtype == torch.float32 and block_c >= 256 else None
 
 
 @torch.no_grad()
@@ -188,6 +201,7 @@ def mlp_sampler_forward(z1: torch.Tensor, encoder: MLPEncoder, time_embed: nn.Mo
         b, c, hw, hid, k, depth,
         sum(s.p for s in steps), 1.0 / (k * hw), 1.0 / hw, float(encoder.blocks[0][0].eps),
         BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_H=block_h, PRECISION=precision, num_warps=warps,
+        **({"num_stages": stages} if (stages := _stages(dot_dtype, block_c)) else {}),
     )
     return est.sum(0).to(z1.dtype), fin.sum(0).to(z1.dtype)
 

@@ -1,7 +1,6 @@
-"""Bad input, table-driven, across train, distill, eval and export: one clear sentence, exit 2, nothing left behind.
+"""Bad input, table-driven, across train, distill, eval, export and bench: one clear sentence, exit 2, nothing left behind.
 
-(`bench` is not part of the CLI yet (issue 6); its rows join this table when it lands.) Every row runs in its
-own folder: after the command, the folder holds exactly what the row put there (no artifact, checkpoint,
+Every row runs in its own folder: after the command, the folder holds exactly what the row put there (no artifact, checkpoint,
 config or temporary file: nothing half-written).
 """
 import json
@@ -187,6 +186,18 @@ CASES = [
     ("distill-batch-size-zero", lambda d, a: ["distill", *TINY, "--batch-size", "0"], "data.batch_size"),
     ("distill-config-not-yaml-mapping", lambda d, a: ["distill", "--config", str(_text(d, "c.yaml", "- 1\n- 2\n"))],
      "c.yaml"),
+    ("bench-missing-path", lambda d, a: ["bench", str(d / "nope")], "does not exist"),
+    ("bench-folder-neither", lambda d, a: ["bench", str(d)], "neither an fmkt artifact"),
+    ("bench-tampered-weights", lambda d, a: ["bench", str(_tampered(d, a)), "--iters", "1"], "sha256"),
+    ("bench-unknown-backend", lambda d, a: ["bench", str(a), "--backends", "eager,tvm"], "unknown backend 'tvm'"),
+    ("bench-batch-zero", lambda d, a: ["bench", str(a), "--batch", "0"], "--batch values must be >= 1"),
+    ("bench-batch-not-numbers", lambda d, a: ["bench", str(a), "--batch", "one"], "--batch must be"),
+    ("bench-iters-zero", lambda d, a: ["bench", str(a), "--iters", "0"], "--iters must be >= 1"),
+    ("bench-precision-fp8", lambda d, a: ["bench", str(a), "--precision", "fp8"], "unknown precision 'fp8'"),
+    ("bench-device-bogus", lambda d, a: ["bench", str(a), "--device", "tpu"], "unknown device 'tpu'"),
+    *([("bench-cuda-without-a-gpu", lambda d, a: ["bench", str(a), "--device", "cuda"], "no CUDA GPU is visible")]
+      if not torch.cuda.is_available() else []),
+    ("bench-out-is-a-folder", lambda d, a: ["bench", str(a), "--iters", "1", "--out", str(d)], "is a folder"),
 ]
 
 
@@ -251,10 +262,10 @@ def test_bad_input_is_one_sentence_exit_2_and_nothing_left(tmp_path, artifact, m
     assert tree(artifact) == art_before
 
 
-def test_the_table_covers_twenty_cases_over_four_commands():
+def test_the_table_covers_twenty_cases_over_five_commands():
     assert len(CASES) >= 20
     commands = {c[0].split("-")[0] for c in CASES}
-    assert commands == {"train", "distill", "eval", "export"}
+    assert commands == {"train", "distill", "eval", "export", "bench"}
 
 
 def test_debug_shows_the_traceback(tmp_path):

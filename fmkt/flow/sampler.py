@@ -48,7 +48,13 @@ class SamplerOutput:
 
 
 def time_embeddings(time_embed: nn.Module, steps: Sequence[StepConstants], ref: torch.Tensor) -> torch.Tensor:
-    """(N, C) embeddings e(t_i) of all steps in one call, in ref's dtype and device."""
+    """(N, C) embeddings e(t_i) of all steps in one call, in ref's dtype and device.
+
+    A module with a ``precomputed`` (N, C) table (export's constant embedding) returns it as is: no host tensor is
+    built per call, so the graph has no host-to-device copy (CUDA-graph capture refuses one)."""
+    table = getattr(time_embed, "precomputed", None)
+    if table is not None:
+        return table.to(ref.dtype)
     t = torch.tensor([c.t for c in steps], dtype=torch.float32, device=ref.device)
     return time_embed(t).to(ref.dtype)
 

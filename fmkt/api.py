@@ -1,0 +1,237 @@
+"""The Python API for your own models: FM-KT around *your* teacher and student ``nn.Module``s and DataLoader.
+
+    import fmkt
+    fm = fmkt.FMKT(student, teacher, example=images)     # channels and classes from this one batch
+    opt = torch.optim.SGD(fm.parameters(), lr=0.05, momentum=0.9)   # trainables only (never the teacher)
+    for images, labels in loader:                          # your loop ...
+        loss = fm.loss(images, labels)
+        opt.zero_grad(); loss.backward(); opt.step()
+    fm.fit(loader, epochs=10)                              # ... or ours (SGD + cosine, as the CLI trains)
+    fm.evaluate(test_loader, steps=[1, 2, 4])              # {1: top-1 %, 2: ..., 4: ...}
+    fm.save("runs/mine/artifact")                          # the standard artifact (fmkt.json + safetensors)
+    fmkt.export_artifact("runs/mine/artifact", steps=4)    # ONNX with K = 4 unrolled, parity checked
+
+The student becomes the one deployable module (``fm.model``, a DeployableModel) through a ModuleAdapter
+(``fmkt.wrap_student``; see fmkt/adapter.py for how the feature map and the head are found). The distiller is
+the CLI's own (``build_distiller``): the same method, losses and sampler.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fmkt.adapter import ModuleAdapter, is_zoo_backbone
+from fmkt.artifact import model_spec, save_artifact
+from fmkt.config import Config, OptimConfig, apply_overrides, validate_method
+from fmkt.distillers import build_distiller, check_method
+from fmkt.engine import build_optimizer, count_correct, eval_keys, lr_factor
+from fmkt.errors import FmktError
+from fmkt.imports import import_path_of, well_formed
+from fmkt.models import list_models
+from fmkt.student import DeployableModel
+
+
+def _images(example) -> torch.Tensor:
+    """The dry-run batch: images (B, C, H, W), an (images, labels, ...) batch, or a DataLoader (its first batch)."""
+    if isinstance(example, torch.utils.data.DataLoader):
+        example = next(iter(example))
+    if isinstance(example, (tuple, list)) and example:
+        example = example[0]
+    if not isinstance(example, torch.Tensor) or example.dim() != 4:
+        raise FmktError("example must be a batch of images (B, C, H, W), an (images, labels) batch or a DataLoader.")
+    return example[:8].float()
+
+
+def wrap_student(model: nn.Module, example, *, feature_layer: str | None = None, classifier: str | None = None,
+                 check_head: bool = True) -> ModuleAdapter:
+    """Your model with the zoo interface, found on ``example`` (see :class:`fmkt.adapter.ModuleAdapter`).
+
+    ``adapter.options`` says which layer gives the feature map and which nn.Linear is the head;
+    ``adapter.num_features`` / ``adapter.num_classes`` what the dry run found. Refused in one sentence
+    (FmktError) when the logits are not pool + linear of that map (FM-KT's shape map S must be).
+    """
+    images = _images(example)
+    device = next(iter(model.parameters()), images).device
+    return ModuleAdapter(model, images.to(device), feature_layer=feature_layer, classifier=classifier,
+                         check_head=check_head)
+
+
+def _state_sha256(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().float().numpy().tobytes() if v.is_floating_point() else v.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class FMKT(nn.Module):
+    """FM-KT (or any fmkt method) around your ``student`` and ``teacher`` modules.
+
+    - ``student``: any nn.Module returning logits whose last step is global average pooling + an nn.Linear;
+      the feature map comes from its ``forward_features`` or from the submodule ``feature_layer`` (found on the
+      dry run when not named), the head is ``classifier`` (default: the last nn.Linear).
+    - ``teacher``: any nn.Module returning logits (frozen, eval mode); ``teacher_feature_layer`` names its map for
+      ``transfer="features"``. ``None`` for the teacher-free methods (``ofmkt``, ``none``).
+    - ``example``: one batch (or a DataLoader): channels, size and classes come from it.
+    - ``mean``/``std``: per-channel normalisation folded into both models (the deployable student and its
+      export then take raw images); default none: both models get the images exactly as your loader yields them.
+    - ``arch``: the ``pkg.module:factory`` that rebuilds the student when the artifact is loaded (``eval``,
+      ``export``, ``bench``); default the student's class, called with ``num_classes``/``in_channels`` when it
+      takes them, plus ``arch_kwargs``.
+    - ``method``, ``loss``, ``encoder``, ``schedule``, ``train_steps``, ``transfer`` and any other key of the
+      config's ``method`` section (``dirac_ratio``, ``loss_weight``, ``ce_weight``, ``encoder_params``, ...).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, example, *, method: str = "fmkt",
+                 loss: str = "dist", encoder: str = "conv", schedule: str = "rectified", train_steps=8,
+                 transfer: str = "logits", feature_layer: str | None = None, classifier: str | None = None,
+                 teacher_feature_layer: str | None = None, mean=None, std=None, arch: str | None = None,
+                 arch_kwargs: dict | None = None, **method_options):
+        super().__init__()
+        cfg = apply_overrides(Config(), {"method": {"name": method, "loss": loss, "encoder": encoder,
+                                                    "schedule": schedule, "train_steps": train_steps,
+                                                    "transfer": transfer, **method_options}}).method
+        validate_method(cfg)
+        needs_teacher, flow, theta = check_method(method)
+        images = _images(example)
+        channels = images.shape[1]
+        mean = [0.0] * channels if mean is None else list(mean)
+        std = [1.0] * channels if std is None else list(std)
+        if len(mean) != channels or len(std) != channels:
+            raise FmktError(f"mean and std need {channels} values, one per image channel.")
+        normed = (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        self.arch = arch or import_path_of(type(student))
+        if is_zoo_backbone(student) and arch in list_models():
+            backbone = student  # a zoo model named by arch="resnet8": no adapter needed
+        else:
+            backbone = wrap_student(student, normed, feature_layer=feature_layer, classifier=classifier,
+                                    check_head=flow)
+        self.arch_kwargs = dict(arch_kwargs or {})
+        self.input_shape = tuple(images.shape[1:])
+        self.method = cfg
+        self.model = DeployableModel(backbone, mean, std, encoder=encoder if flow else None,
+                                     encoder_kwargs=cfg.encoder_params, schedule=schedule, theta_head=theta,
+                                     transfer=transfer if flow else "logits",
+                                     default_steps=cfg.train_step_choices()[-1])
+        teacher_model, self.teacher_info = None, None
+        if needs_teacher:
+            if teacher is None:
+                raise FmktError(f"method {method!r} needs a teacher; pass teacher=your_model (or method='ofmkt').")
+            wrapped = wrap_student(teacher, normed, feature_layer=teacher_feature_layer, check_head=False)
+            teacher_model = DeployableModel(wrapped, mean, std)
+            if teacher_model.num_classes != self.model.num_classes:
+                raise FmktError(f"the teacher gives {teacher_model.num_classes} logits but the student "
+                                f"{self.model.num_classes}; both must predict the same classes.")
+            self.teacher_info = {"arch": import_path_of(type(teacher)), "sha256": _state_sha256(teacher),
+                                 "source": "python (fmkt.FMKT)", "accuracy": None}
+        self.distiller = build_distiller(cfg, self.model, teacher_model, input_shape=self.input_shape)
+        self.metrics: dict = {}
+
+    # -- training ------------------------------------------------------------------------------------------
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
+        """The method's training loss on one batch (call ``.backward()`` on it); ``progress`` = fractional epoch
+        (only DKD's warm-up reads it). The parts are in ``self.last_losses``."""
+        _, losses = self.distiller(images, labels, progress)
+        self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
+        return sum(losses.values())
+
+    def forward(self, images, labels, progress: float = 0.0) -> torch.Tensor:
+        return self.loss(images, labels, progress)
+
+    def parameters(self, recurse: bool = True):
+        """What the optimiser must update: the student, meta-encoder, time embedding (and adapters); never the
+        teacher."""
+        return (p for p in super().parameters(recurse) if p.requires_grad)
+
+    def fit(self, loader, epochs: int = 10, *, lr: float = 0.05, optimizer: str = "sgd", weight_decay: float = 5e-4,
+            test_loader=None, eval_steps=None, log=print) -> list[dict]:
+        """fmkt's training recipe on your DataLoader: SGD (Nesterov 0.9) or AdamW, cosine LR per step; evaluates on
+        ``test_loader`` after each epoch when given. Returns one record per epoch."""
+        cfg = Config(optim=OptimConfig(name=optimizer, lr=lr, weight_decay=weight_decay))
+        cfg.train.epochs = epochs
+        opt = build_optimizer(cfg, self.parameters())
+        iters = max(len(loader), 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(cfg, it / iters))
+        device = self.device
+        history = []
+        for epoch in range(epochs):
+            self.train()
+            total, seen = 0.0, 0
+            for step, (images, labels, *_) in enumerate(loader):
+                images, labels = images.to(device), labels.to(device)
+                loss = self.loss(images, labels, epoch + step / iters)
+                if not torch.isfinite(loss):
+                    raise FmktError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                    "try a lower lr.")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(labels)
+                seen += len(labels)
+            record = {"epoch": epoch + 1, "loss": total / max(seen, 1)}
+            if test_loader is not None:
+                record["top1"] = self.evaluate(test_loader, eval_steps)
+            history.append(record)
+            if log:
+                log(f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}"
+                    + (f"  top-1 {record['top1']}" if "top1" in record else ""))
+        return history
+
+    # -- evaluation and saving -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def evaluate(self, loader, steps=None) -> dict:
+        """Top-1 (%) of the deployable student on ``loader`` at each K (``{1: 95.0, 2: ...}``; 0 = the theta head;
+        ``{"student": ...}`` for a plain student). Also kept for :meth:`save`."""
+        steps = self.method.eval_steps if steps is None else list(steps)
+        keys = eval_keys(self.model, steps)
+        correct, total = count_correct(self.model, loader, keys, self.device)
+        self.metrics = {k: 100.0 * correct[k] / max(total, 1) for k in keys}
+        return {("student" if k == "plain" else int(k)): v for k, v in self.metrics.items()}
+
+    def predict(self, images: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Logits of the deployable student at K = ``steps`` (default: the largest training N), no gradients."""
+        was_training = self.model.training
+        with torch.no_grad():
+            out = self.model.eval()(images.to(self.device), steps)
+        self.model.train(was_training)
+        return out
+
+    def save(self, path: str | Path, *, dataset: str | None = None) -> Path:
+        """Write the standard artifact (``fmkt-cli eval``/``export``/``bench`` take it). ``dataset``: a dataset name
+        or data import path, so ``eval`` and the export's parity check use its test split."""
+        arch = self.arch
+        if ":" in arch and not well_formed(arch):
+            raise FmktError(f"the student's class {arch!r} cannot be imported back (defined inside a function?); "
+                            "pass arch='pkg.module:factory' to fmkt.FMKT.")
+        flow = self.model.is_flow
+        spec = model_spec(self.model, arch, self.input_shape[0], self.input_shape[1:],
+                          self.method.encoder if flow else None, self.method.encoder_params, self.arch_kwargs)
+        m = self.method
+        return save_artifact(path, self.model, spec, {
+            "method": m.name,
+            "loss": m.loss if m.name in ("fmkt", "theta", "ofmkt") else m.name,
+            "train_steps": m.train_step_choices(),
+            "dataset": {"name": dataset, "num_classes": self.model.num_classes, "class_names": None},
+            "metrics": {"last": dict(self.metrics), "best": dict(self.metrics)},
+            "teacher": self.teacher_info,
+            "source": "python API (fmkt.FMKT)",
+        })
+
+
+def export_artifact(artifact: str | Path, steps: int, fmt: str = "onnx", *, check: bool = True, **options):
+    """``fmkt-cli export`` from Python: the artifact with K = ``steps`` as one static graph (``fmt`` onnx | trt |
+    aoti) + export.json + parity.json; ``options``: precision, batch, opset, out, force, device. Raises
+    ParityError when the graph breaches the parity gate (``check=False`` returns the result instead)."""
+    from fmkt.export import run_export
+
+    result = run_export(artifact, steps, fmt, **options)
+    if check:
+        result.raise_for_status()
+    return result

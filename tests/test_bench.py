@@ -1,0 +1,154 @@
+"""`fmkt-cli bench`: rows per backend, precision, batch and K; unavailable backends reported, not crashed on;
+JSON, CSV and PNG written with what was measured. Few iterations on a tiny model: plumbing, never speed."""
+import csv
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fmkt.artifact import model_spec, save_artifact
+from fmkt.bench import BenchSettings, Row, _ratios, percentiles, run_bench
+from fmkt.cli.app import app
+from fmkt.models import create_model
+from fmkt.student import DeployableModel
+
+runner = CliRunner()
+METRICS = {"last": {"0": 80.0, "1": 81.5, "2": 82.25}, "best": {"0": 80.0, "1": 81.5, "2": 82.25}}
+
+
+def make_artifact(path, *, theta=True, encoder="conv", metrics=METRICS, method="theta"):
+    torch.manual_seed(0)
+    backbone = create_model("resnet8", num_classes=10, in_channels=1)
+    model = DeployableModel(backbone, [0.5], [0.25], encoder=encoder, theta_head=theta)
+    spec = model_spec(model, "resnet8", 1, (8, 8), encoder)
+    info = {"method": method, "dataset": {"name": "synthetic", "num_classes": 10}, "metrics": metrics}
+    return save_artifact(path, model, spec, info)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return make_artifact(tmp_path_factory.mktemp("bench") / "artifact")
+
+
+def test_cli_writes_json_csv_png_with_the_expected_rows(artifact, tmp_path):
+    out = tmp_path / "res" / "b.json"
+    result = runner.invoke(app, ["bench", str(artifact), "--backends", "eager,onnxruntime,trt,cudagraph",
+                                 "--batch", "1,3", "--steps", "0,1,2", "--iters", "4", "--warmup", "1",
+                                 "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "estimate" in result.output and "unavailable" in result.output
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    # 4 backends x 1 precision x (student, theta, K=1, K=2) x 2 batches
+    assert len(rows) == 32
+    keys = {(r["backend"], r["variant"], r["batch"]) for r in rows}
+    assert keys == {(b, v, n) for b in ("eager", "onnxruntime", "trt", "cudagraph")
+                    for v in ("student", "0", "1", "2") for n in (1, 3)}
+    for r in rows:
+        if r["backend"] in ("eager", "onnxruntime"):
+            assert r["status"] == "ok", r
+            assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+            assert r["throughput"] == pytest.approx(1e3 * r["batch"] / r["mean_ms"], rel=1e-3)
+            assert r["iters"] == 4 and r["device_p50_ms"] is None  # CPU: no device time
+            assert r["x_student"] == pytest.approx(1.0) if r["variant"] == "student" else r["x_student"] > 0
+        else:
+            assert r["status"] == "unavailable" and r["reason"], r
+        assert r["top1"] == (METRICS["last"].get(r["variant"]))
+    assert doc["machine"]["cpu"] and doc["machine"]["cores"] >= 1
+    assert doc["versions"]["torch"] == torch.__version__ and "onnxruntime" in doc["versions"]
+    assert doc["date"][:4].isdigit() and doc["settings"]["iters"] == 4
+    with open(out.with_suffix(".csv")) as f:
+        table = list(csv.DictReader(f))
+    assert [(r["backend"], r["variant"], int(r["batch"]), r["status"]) for r in table] == \
+           [(r["backend"], r["variant"], r["batch"], r["status"]) for r in rows]
+    png = out.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert doc["plot"] == {"written": True, "file": "b.png"}
+
+
+def test_export_folder_times_its_own_graph_and_the_student(artifact, tmp_path):
+    from fmkt.export import run_export
+
+    exported = run_export(artifact, 1, "onnx", out=tmp_path / "exp")
+    exported.raise_for_status()
+    res = run_bench(exported.out, BenchSettings(backends=["onnxruntime"], batches=[2], iters=3, warmup=1,
+                                                device="cpu", out=tmp_path / "e.json"), progress=False)
+    assert [(r.variant, r.status) for r in res.rows] == [("student", "ok"), ("1", "ok")]
+    assert res.rows[1].top1 == 81.5
+
+
+def test_plain_student_and_unreachable_k(tmp_path):
+    plain = make_artifact(tmp_path / "plain", theta=False, encoder=None, method="kd",
+                          metrics={"last": {"plain": 77.0}})
+    res = run_bench(plain, BenchSettings(backends=["eager"], batches=[2], steps=[4], iters=2, warmup=0,
+                                         device="cpu", out=tmp_path / "p.json"), progress=False)
+    assert [(r.variant, r.top1) for r in res.rows] == [("student", 77.0)]
+    assert any("no flow steps" in n for n in res.info["notes"])
+    flow = make_artifact(tmp_path / "flow", theta=False, method="fmkt")
+    res = run_bench(flow, BenchSettings(backends=["eager"], batches=[2], steps=[0, 2], iters=2, warmup=0,
+                                        device="cpu", out=tmp_path / "f.json"), progress=False)
+    assert [r.variant for r in res.rows] == ["student", "2"]
+    assert any("Theta" in n for n in res.info["notes"])
+    result = runner.invoke(app, ["bench", str(flow), "--steps", "0", "--device", "cpu"])
+    assert result.exit_code == 2 and "none of the steps" in result.output
+
+
+def test_a_backend_that_breaks_is_a_failed_row_not_a_crash(artifact, tmp_path, monkeypatch):
+    import fmkt.bench as bench
+
+    real = bench.Builder.build
+
+    def build(self, backend, precision, variant):
+        if backend == "onnxruntime" and variant == "1":
+            raise RuntimeError("simulated runtime failure\nsecond line")
+        return real(self, backend, precision, variant)
+
+    monkeypatch.setattr(bench.Builder, "build", build)
+    res = run_bench(artifact, BenchSettings(backends=["eager", "onnxruntime"], batches=[1], steps=[1],
+                                            iters=2, warmup=0, device="cpu", out=tmp_path / "x.json"),
+                    progress=False)
+    status = {(r.backend, r.variant): (r.status, r.reason) for r in res.rows}
+    assert status[("onnxruntime", "1")] == ("failed", "RuntimeError: simulated runtime failure")
+    assert status[("eager", "1")][0] == status[("onnxruntime", "student")][0] == "ok"
+
+
+def test_without_matplotlib_the_png_is_skipped_with_the_reason(artifact, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    res = run_bench(artifact, BenchSettings(backends=["eager"], batches=[1], steps=[1], iters=2, warmup=0,
+                                            device="cpu", out=tmp_path / "m.json"), progress=False)
+    assert "png" not in res.files and not (tmp_path / "m.png").exists()
+    assert res.info["plot"]["written"] is False and "matplotlib" in res.info["plot"]["reason"]
+    assert json.loads((tmp_path / "m.json").read_text())["plot"]["written"] is False
+
+
+def test_percentiles_and_ratios():
+    assert percentiles([float(v) for v in range(1, 101)]) == pytest.approx((50.5, 90.1, 99.01))
+    rows = [Row("eager", "fp32", 1, "student", "ok", p50_ms=2.0), Row("eager", "fp32", 1, "4", "ok", p50_ms=2.6),
+            Row("eager", "fp32", 8, "4", "ok", p50_ms=9.0), Row("trt", "fp32", 1, "4", "unavailable")]
+    _ratios(rows)
+    assert rows[1].x_student == pytest.approx(1.3)
+    assert rows[2].x_student is None and rows[3].x_student is None  # no baseline at that batch / not measured
+
+
+def test_an_aoti_crash_in_the_child_process_is_a_failed_row(artifact, tmp_path, monkeypatch):
+    """AOTInductor compiles and first loads in a child process (a CUDA package load segfaulted torch 2.11 on an
+    H100): a child killed by a signal becomes a failed row naming the signal, and the bench goes on."""
+    import subprocess
+
+    import fmkt.bench as bench
+
+    calls = []
+
+    def crash(cmd, **kw):
+        calls.append(cmd[3])  # compile | load
+        return subprocess.CompletedProcess(cmd, -11, "", "Fatal Python error: Segmentation fault")
+
+    monkeypatch.setattr(bench.subprocess, "run", crash)
+    res = run_bench(artifact, BenchSettings(backends=["aoti", "eager"], batches=[1], steps=[1], iters=2, warmup=0,
+                                            device="cpu", out=tmp_path / "a.json"), progress=False)
+    status = {(r.backend, r.variant): (r.status, r.reason) for r in res.rows}
+    assert status[("aoti", "1")][0] == "failed" and "signal 11" in status[("aoti", "1")][1]
+    assert status[("eager", "1")][0] == "ok" and calls == ["compile", "compile"]
