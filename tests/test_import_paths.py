@@ -43,6 +43,12 @@ def test_distill_eval_export_with_import_paths(tmp_path):
     assert r.exit_code == 0, r.output
     parity = json.loads((out / "export-onnx-k2" / "parity.json").read_text())
     assert parity["passed"] and "custom_nets:digits test split" in parity["reports"][0]["data"]
+    r = invoke("bench", out / "artifact", "--backends", "eager,onnxruntime", "--batch", "2", "--steps", "1",
+               "--iters", "2", "--warmup", "0", "--device", "cpu", "--out", tmp_path / "b.json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [(x["backend"], x["variant"], x["status"]) for x in rows] == [
+        (b, v, "ok") for b in ("eager", "onnxruntime") for v in ("student", "1")]
 
 
 def test_state_dict_teacher_of_an_import_path(tmp_path):
