@@ -344,17 +344,6 @@ class TrtRunner(Runner):
         return self.y
 
 
-class HalfModule(nn.Module):
-    """float32 images -> module in float16 -> float32 logits (the contract of every exported graph)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.inner = copy.deepcopy(module).half()
-
-    def forward(self, x):
-        return self.inner(x.half()).float()
-
-
 # --------------------------------------------------------------------------------------------------- timing
 def percentiles(values: list[float]) -> tuple[float, float, float]:
     """p50, p90, p99 by linear interpolation between order statistics (numpy's default)."""
@@ -456,7 +445,9 @@ class Builder:
         if precision == "fp16":
             if self.device.type == "cpu":
                 raise Unavailable("PyTorch fp16 on the CPU is not a deployment path; use --device cuda or fp32")
-            module = HalfModule(module)
+            from fmkt.export.aoti import HalfPrecision
+
+            module = HalfPrecision(module)  # float32 in and out, like every exported graph
         return module.to(self.device).eval()
 
     def _exported(self, variant: str, precision: str, fmt: str) -> Path | None:
