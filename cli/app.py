@@ -186,7 +186,8 @@ def eval_cmd(
     artifact: str = typer.Argument(..., help="Artifact folder (OUT/artifact)."),
     data: str = typer.Option(None, "--data", help="Dataset (default: the artifact's own)."),
     data_dir: str = typer.Option(None, "--data-dir"),
-    steps: str = typer.Option("0,1,2,4,8", "--steps", help="K values; 0 = theta head (skipped when absent)."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="K values; 0 = theta head. Default 0,1,2,4,8, "
+                                        "those the artifact can run."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = typer.Option("auto", "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -199,16 +200,22 @@ def eval_cmd(
         from fmkt.engine import step_label
         from fmkt.pipeline import run_eval
 
-        res = run_eval(artifact, data, data_dir, parse_int_list(steps, "--steps"), batch_size, device)
+        asked = parse_int_list(steps, "--steps") if steps is not None else [0, 1, 2, 4, 8]
+        res = run_eval(artifact, data, data_dir, asked, batch_size, device)
+        if steps is None:  # the default list: quietly what the artifact can run
+            res["skipped"] = {}
         if as_json:
             out_console.print_json(json.dumps({k: v for k, v in res.items() if k != "meta"}))
             return
-        table = Table(title=f"{Path(artifact)} on {res['dataset']} ({res['images']} test images)")
+        table = Table(title=f"{Path(artifact)} on {res['dataset']} ({res['images']} test images, "
+                            f"{res['precision']})")
         table.add_column("K")
         table.add_column("top-1 (%)", justify="right")
         for k, v in res["top1"].items():
             table.add_row(step_label(k), f"{v:.2f}")
         out_console.print(table)
+        for k, why in res["skipped"].items():
+            out_console.print(f"note: {step_label(k)} was not evaluated: {why}.", highlight=False)
 
     _run(go, debug)
 

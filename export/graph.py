@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fmkt.errors import FmktError
-from fmkt.flow.sampler import run_sampler
+from fmkt.flow.sampler import apply_head, run_sampler
 from fmkt.student import DeployableModel, FixedStepsModel
 
 
@@ -57,7 +57,19 @@ class UnrolledFlow(nn.Module):
             pooled = out.final_state.mean(dim=(2, 3))
         else:
             pooled = out.mean_pooled()  # the ensemble mean in pooled space (B, C); S is linear
-        return self.backbone.get_classifier()(pooled)
+        return apply_head(self.backbone.get_classifier(), pooled)
+
+
+class StudentAlone(nn.Module):
+    """The student without FM-KT: raw images -> normalisation -> backbone -> its own head (no meta-encoder);
+    what bench times as the baseline of every K."""
+
+    def __init__(self, model: DeployableModel):
+        super().__init__()
+        self.normalize, self.backbone = model.normalize, model.backbone
+
+    def forward(self, x):
+        return self.backbone(self.normalize(x))
 
 
 def check_steps(model: DeployableModel, steps: int, method: str | None = None) -> None:

@@ -201,11 +201,19 @@ def static_shape_problems(model, batch: int = 3) -> list[str]:
     return problems
 
 
-def ort_session(model_bytes: bytes):
+def cuda_provider_options(precision: str) -> dict:
+    """ONNX Runtime CUDA provider options for ``precision``: fp32 means IEEE fp32, so TF32 is off (the provider
+    allows it by default, and its ~1e-3 error would fail the fp32 parity gate of 1e-4)."""
+    return {"use_tf32": "0"} if precision == "fp32" else {}
+
+
+def ort_session(model_bytes: bytes, precision: str = "fp32"):
     ort = require("onnxruntime")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    available = ort.get_available_providers()
+    providers = ([("CUDAExecutionProvider", cuda_provider_options(precision))]
+                 if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
     return ort.InferenceSession(model_bytes, opts, providers=providers)
 
 

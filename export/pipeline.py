@@ -89,6 +89,7 @@ def export_metadata(meta: dict, model, steps: int, fmt: str, precision: str, bat
         "num_classes": spec["num_classes"],
         "class_names": (meta.get("dataset") or {}).get("class_names"),
         "precision": precision,
+        "tf32": precision != "fp32",  # fp32 is IEEE fp32: TF32 off in TensorRT, ONNX Runtime CUDA and AOTI/cuDNN
         "input": {"name": "images", "shape": ["batch", inp["channels"], *inp["size"]], "dtype": "float32",
                   "range": inp.get("range", [0.0, 1.0]), "mean": inp["mean"], "std": inp["std"],
                   "normalisation": NORMALISATION},
@@ -99,6 +100,24 @@ def export_metadata(meta: dict, model, steps: int, fmt: str, precision: str, bat
                    "dataset": (meta.get("dataset") or {}).get("name")},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def compile_aoti(artifact, steps: int, package: Path, batch: tuple, precision: str, device: torch.device,
+                 images: torch.Tensor, batches: list[int]):
+    """Compile the K-step graph into ``package`` and run it on the parity batches, all in a child process;
+    returns a runner replaying the child's logits. A child that crashes is one sentence (FmktError)."""
+    from fmkt.export.aoti import ChildCrashed, run_in_child
+
+    sizes = sorted(set(min(b, len(images)) for b in batches))
+    try:
+        outputs = run_in_child("validate", artifact=artifact, graph=str(steps), package=package, batch=batch,
+                               precision=precision, device=device, shape=tuple(images.shape[1:]), images=images,
+                               batches=sizes)
+    except ChildCrashed as exc:
+        raise FmktError(f"{exc}; nothing was written: torch {torch.__version__} cannot compile or run this AOTI "
+                        f"package on {device.type} here, so use --format onnx or trt (or --device cpu for AOTI)."
+                        ) from None
+    return lambda x: outputs[len(x)]
 
 
 def run_export(artifact: str | Path, steps: int, fmt: str = "onnx", *, precision: str = "fp32",
@@ -122,6 +141,12 @@ def run_export(artifact: str | Path, steps: int, fmt: str = "onnx", *, precision
         raise FmktError("--opset only applies to the onnx and trt formats.")
     opset = ox.DEFAULT_OPSET if opset is None and fmt != "aoti" else opset
     dev = resolve_device(device) if fmt == "aoti" else torch.device("cpu")
+    if fmt == "aoti":
+        from fmkt.export.aoti import cuda_refusal
+
+        refusal = cuda_refusal(dev)
+        if refusal:
+            raise FmktError(f"{refusal}.")
     model, meta = load_artifact(artifact)
     check_steps(model, steps, meta.get("method"))
     out = Path(out) if out is not None else default_out(artifact, fmt, steps, precision)
@@ -153,15 +178,15 @@ def run_export(artifact: str | Path, steps: int, fmt: str = "onnx", *, precision
             ox.set_metadata(graph, info)
             (tmp / "model.onnx").write_bytes(graph.SerializeToString())
             files["onnx"] = "model.onnx"
-            session = ox.ort_session(graph.SerializeToString())
+            session = ox.ort_session(graph.SerializeToString(), precision)
             target = f"onnxruntime {session.get_providers()[0]}"
             runner = lambda x: ox.ort_run(session, x)  # noqa: E731
         else:
-            from fmkt.export.aoti import export_aoti, load_aoti
-
-            info["aoti"] = export_aoti(module, example, tmp / "model.pt2", (lo, opt, hi), precision, dev)
+            runner = compile_aoti(artifact, steps, tmp / "model.pt2", (lo, opt, hi), precision, dev, images,
+                                  batches)
+            info["aoti"] = {"torch": torch.__version__, "device": str(dev), "tf32": precision != "fp32",
+                            "compiled_in": "a child process (a crash there cannot take this process down)"}
             files["aoti"] = "model.pt2"
-            runner = load_aoti(tmp / "model.pt2", dev)
             target = f"AOTInductor ({dev.type})"
         reports = [check_parity(reference, runner, images, batches, precision, target, data)]
         if fmt == "trt" and reports[0].passed:

@@ -27,7 +27,7 @@ from fmkt.adapter import ModuleAdapter, is_zoo_backbone
 from fmkt.artifact import model_spec, save_artifact
 from fmkt.config import Config, OptimConfig, apply_overrides, validate_method
 from fmkt.distillers import build_distiller, check_method
-from fmkt.engine import build_optimizer, count_correct, eval_keys, lr_factor
+from fmkt.engine import build_optimizer, count_correct, eval_keys, lr_factor, nonfinite_loss
 from fmkt.errors import FmktError
 from fmkt.imports import import_path_of, well_formed
 from fmkt.models import list_models
@@ -164,8 +164,7 @@ class FMKT(nn.Module):
                 images, labels = images.to(device), labels.to(device)
                 loss = self.loss(images, labels, epoch + step / iters)
                 if not torch.isfinite(loss):
-                    raise FmktError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                    "try a lower lr.")
+                    raise nonfinite_loss(loss.item(), epoch, step, updated=bool(epoch or step))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

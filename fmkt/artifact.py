@@ -44,6 +44,7 @@ def model_spec(model: DeployableModel, arch: str, in_channels: int, input_size, 
         "schedule": model.schedule_name,
         "transfer": model.transfer,
         "theta_head": model.theta_head is not None,
+        "default_steps": model.default_steps,  # K when model(x) is called without steps
         "input": {
             "channels": in_channels,
             "size": list(input_size),
@@ -55,7 +56,8 @@ def model_spec(model: DeployableModel, arch: str, in_channels: int, input_size, 
     }
 
 
-def build_model(spec: dict) -> DeployableModel:
+def build_model(spec: dict, default_steps: int = 1) -> DeployableModel:
+    """The model ``spec`` describes; ``default_steps`` is used only when the spec predates its own key."""
     backbone = create_backbone(spec["arch"], num_classes=spec["num_classes"], in_channels=spec["input"]["channels"],
                                input_size=spec["input"]["size"], options=spec.get("adapter"),
                                check_head=spec.get("encoder") is not None, **spec.get("arch_kwargs", {}))
@@ -63,7 +65,7 @@ def build_model(spec: dict) -> DeployableModel:
         backbone, spec["input"]["mean"], spec["input"]["std"],
         encoder=spec.get("encoder"), encoder_kwargs=spec.get("encoder_params") or {},
         schedule=spec.get("schedule", "rectified"), theta_head=spec.get("theta_head", False),
-        transfer=spec.get("transfer", "logits"),
+        transfer=spec.get("transfer", "logits"), default_steps=int(spec.get("default_steps", default_steps)),
     )
 
 
@@ -121,7 +123,8 @@ def load_artifact(path: str | Path, *, map_location: str | torch.device = "cpu")
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError) as exc:
         raise FmktError(f"cannot read {weights} ({exc}).") from None
-    model = build_model(meta["model"])
+    # artifacts written before fmkt.json recorded default_steps: the largest training N, as the engine set it
+    model = build_model(meta["model"], default_steps=(meta.get("train_steps") or [1])[-1])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -17,14 +17,18 @@ built from the ONNX, or the export folder's ``model.plan``; own runner with CUDA
 
 Method: warm-up calls outside the timed loop, then ``iters`` timed rounds; a round times one call of every variant
 in turn (interleaved), so a change of machine load touches the baseline and each K alike. CPU: wall clock
-(``perf_counter``) per call. CUDA, as trtexec reports it: *device* time is GPU compute between CUDA events with the
-input already on the GPU; *host* time is end to end, wall clock from the host-to-device copy of a pinned batch to
+(``perf_counter``) per call. CUDA, as trtexec reports it: *device* time is the span between CUDA events recorded on
+the stream just before and after the call, with the input already on the GPU; *host* time is end to end, wall clock from the host-to-device copy of a pinned batch to
 the device-to-host copy of the logits, synchronised. p50 / p90 / p99 in ms; throughput = batch / mean host latency.
-Accuracy per K comes from the artifact's metrics (fp32 PyTorch evaluation on its test split); fp16 graphs are held
-to the export parity gate, not re-evaluated here.
+Device time is therefore not pure GPU execution for eager and compile: it spans the host's launch gaps, which is
+exactly the cost a launch-bound model pays. fp32 rows run IEEE fp32 (TF32 off everywhere).
+Accuracy per K comes from the artifact's metrics (PyTorch evaluation on its test split, in the precision fmkt.json
+records: IEEE fp32 since evaluation stopped using autocast); fp16 graphs are held to the export parity gate, not
+re-evaluated here.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import gc
@@ -46,6 +50,7 @@ from fmkt import __version__
 from fmkt.artifact import is_artifact, load_artifact
 from fmkt.errors import FmktError
 from fmkt.io import atomic_write_bytes
+from fmkt.runtime import strict_fp32
 from fmkt.student import DeployableModel
 
 BACKENDS = ("eager", "compile", "cudagraph", "onnxruntime", "trt", "aoti")
@@ -88,7 +93,7 @@ class Row:
     p99_ms: float | None = None
     mean_ms: float | None = None
     throughput: float | None = None  # images / s from the mean host latency
-    device_p50_ms: float | None = None  # CUDA: GPU compute between events
+    device_p50_ms: float | None = None  # CUDA: stream span between events around the call (eager: with launch gaps)
     device_p90_ms: float | None = None
     device_p99_ms: float | None = None
     x_student: float | None = None  # p50 / the student alone's p50 on the same backend, precision and batch
@@ -194,19 +199,8 @@ def plan_variants(source: Source, steps: list[int] | None) -> tuple[list[str], l
     return ["student"] + [str(k) for k in ok], notes
 
 
-class StudentAlone(nn.Module):
-    """The baseline: raw images -> normalisation -> backbone -> its own head (no meta-encoder)."""
-
-    def __init__(self, model: DeployableModel):
-        super().__init__()
-        self.normalize, self.backbone = model.normalize, model.backbone
-
-    def forward(self, x):
-        return self.backbone(self.normalize(x))
-
-
 def variant_module(model: DeployableModel, variant: str, method: str | None) -> nn.Module:
-    from fmkt.export.graph import static_module
+    from fmkt.export.graph import StudentAlone, static_module
 
     if variant == "student":
         return StudentAlone(model).eval()
@@ -261,7 +255,7 @@ class CudaGraphRunner(Runner):
 class OrtRunner(Runner):
     """ONNX Runtime with the provider asserted; on CUDA, IOBinding on torch's stream (no host copies timed)."""
 
-    def __init__(self, model_bytes: Callable[[], bytes], device: torch.device):
+    def __init__(self, model_bytes: Callable[[], bytes], device: torch.device, precision: str = "fp32"):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -281,8 +275,10 @@ class OrtRunner(Runner):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.cuda:
             stream = torch.cuda.current_stream().cuda_stream
+            from fmkt.export.onnx_export import cuda_provider_options
+
             providers = [(want, {"device_id": torch.cuda.current_device(), "has_user_compute_stream": "1",
-                                 "user_compute_stream": str(stream)})]
+                                 "user_compute_stream": str(stream), **cuda_provider_options(precision)})]
         else:
             providers = [want]
         self.session = ort.InferenceSession(model_bytes(), opts, providers=providers)
@@ -330,12 +326,7 @@ class TrtRunner(Runner):
         self.engine = EngineRunner(engine_path)
 
     def prepare(self, x):
-        e = self.engine
-        self.x = x.to(e.in_dtype).contiguous()
-        e.context.set_input_shape(e.input_name, tuple(self.x.shape))
-        self.y = torch.empty(tuple(e.context.get_tensor_shape(e.output_name)), dtype=e.out_dtype, device="cuda")
-        e.context.set_tensor_address(e.input_name, self.x.data_ptr())
-        e.context.set_tensor_address(e.output_name, self.y.data_ptr())
+        self.x, self.y = self.engine.bind(x)
         return self.x
 
     def run(self, x):
@@ -497,7 +488,7 @@ class Builder:
                 raise Unavailable("CUDA-graph replay needs --device cuda")
             return CudaGraphRunner(self._module(variant, precision))
         if backend == "onnxruntime":
-            runner = OrtRunner(lambda: self.onnx_bytes(variant, precision), self.device)
+            runner = OrtRunner(lambda: self.onnx_bytes(variant, precision), self.device, precision)
             runner.num_classes = self.num_classes
             return runner
         if backend == "trt":
@@ -512,6 +503,11 @@ class Builder:
                 engine = self._build_engine(variant, precision)
             return TrtRunner(engine)
         if backend == "aoti":
+            from fmkt.export.aoti import cuda_refusal
+
+            refusal = cuda_refusal(self.device)
+            if refusal:
+                raise Unavailable(refusal)
             package = self._exported(variant, precision, "aoti")
             if package is None or (self.source.export_meta.get("aoti") or {}).get("device") != self.device.type:
                 if self.source.model is None:
@@ -525,20 +521,11 @@ class Builder:
         raise FmktError(f"unknown backend {backend!r}")
 
     def _child(self, what: str, package: Path, variant: str, precision: str) -> None:
-        import sys
+        from fmkt.export.aoti import run_in_child
 
-        args = [what, str(self.source.artifact), variant, precision, self.device.type, str(package),
-                str(max(2, self.max_batch)), ",".join(map(str, self.example.shape[1:]))]
-        code = "import sys; from fmkt.bench import aoti_child; aoti_child(*sys.argv[1:])"
-        try:
-            proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=1800)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"AOTInductor {what} took over 30 minutes in a child process") from None
-        if proc.returncode != 0:
-            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-            tail = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
-            raise RuntimeError(f"AOTInductor {what} in a child process ended with {how}"
-                               + (f" ({tail[-1][:160]})" if tail else ""))
+        run_in_child(what, artifact=self.source.artifact, graph=variant, package=package,
+                     batch=(1, 32, max(2, self.max_batch)), precision=precision, device=self.device,
+                     shape=tuple(self.example.shape[1:]))
 
     def _build_engine(self, variant: str, precision: str) -> Path:
         from fmkt.export.tensorrt_engine import build_engine
@@ -549,28 +536,6 @@ class Builder:
         build_engine(onnx_path, engine, self.tmp / f"{variant}-{precision}.cache", tuple(self.example.shape[1:]),
                      (1, max(1, min(32, self.max_batch)), max(1, self.max_batch)), precision)
         return engine
-
-
-def aoti_child(what: str, artifact: str, variant: str, precision: str, device: str, package: str, max_batch: str,
-               shape: str) -> None:
-    """Child process of the aoti backend: ``compile`` the variant into ``package``, or ``load`` it and run once."""
-    dev = torch.device(device)
-    shape = tuple(int(v) for v in shape.split(","))
-    example = torch.rand((2, *shape))
-    if what == "compile":
-        from fmkt.export.aoti import export_aoti
-
-        model, meta = load_artifact(artifact)
-        module = variant_module(model.to(dev), variant, meta.get("method"))
-        export_aoti(module, example, Path(package), (1, 32, int(max_batch)), precision, dev)
-        return
-    runner = torch._inductor.aoti_load_package(package)
-    with torch.inference_mode():
-        out = runner(example.to(dev))
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    if not torch.isfinite(out.float()).all():
-        raise SystemExit("the compiled package returned non-finite logits")
 
 
 # --------------------------------------------------------------------------------------------------- environment
@@ -654,6 +619,10 @@ def quick_unavailable(backend: str, device: torch.device) -> str | None:
         return "needs CUDA"
     if backend == "trt" and importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed"
+    if backend == "aoti":
+        from fmkt.export.aoti import cuda_refusal
+
+        return cuda_refusal(device)
     if backend == "onnxruntime":
         if importlib.util.find_spec("onnxruntime") is None:
             return "onnxruntime is not installed"
@@ -737,8 +706,9 @@ def run_bench(path: str | Path, settings: BenchSettings | None = None, *, consol
             for backend in s.backends:
                 for precision in s.precisions:
                     bar.update(task, description=f"{backend} {precision}")
-                    rows.extend(_measure(builder, backend, precision, variants, s, images, device, source,
-                                         lambda n: bar.advance(task, n)))
+                    with strict_fp32() if precision == "fp32" else contextlib.nullcontext():  # fp32 = IEEE fp32
+                        rows.extend(_measure(builder, backend, precision, variants, s, images, device, source,
+                                             lambda n: bar.advance(task, n)))
     _ratios(rows)
     seconds = time.perf_counter() - start
     info = {
@@ -751,8 +721,15 @@ def run_bench(path: str | Path, settings: BenchSettings | None = None, *, consol
         "settings": {"backends": s.backends, "batches": s.batches, "variants": variants, "precisions": s.precisions,
                      "device": device.type, "warmup": s.warmup, "iters": s.iters},
         "method": ("host: wall clock per call (CPU), or end to end from the pinned host batch to the logits back on "
-                   "the host (CUDA); device: GPU compute between CUDA events, input already on the GPU; "
-                   "x_student: p50 over the student alone's p50 on the same backend, precision and batch"),
+                   "the host (CUDA); device (CUDA): the span between CUDA events recorded on the stream just before "
+                   "and after the call, input already on the GPU: for eager and compile it includes the gaps while "
+                   "the host is still launching kernels (a launch-bound model shows its launch cost there), for "
+                   "cudagraph, trt and onnxruntime (CUDA) it is close to pure GPU execution; fp32: IEEE fp32 (TF32 "
+                   "off in cuBLAS, cuDNN, TensorRT and ONNX Runtime); x_student: p50 over the student alone's p50 "
+                   "on the same backend, precision and batch"),
+        "accuracy_precision": ((source.meta or {}).get("metrics") or {}).get(
+            "precision", "not recorded (an artifact older than fmkt 0.1's metrics precision: on CUDA its accuracy "
+                         "came from bf16 autocast)"),
         "notes": notes, "estimate_s": round(est, 1), "seconds": round(seconds, 1),
     }
     files = write_outputs(rows, info, json_path, csv_path, png_path)
@@ -975,7 +952,7 @@ def result_table(result: BenchResult):
     m = result.info["machine"]
     table = Table(title=f"{result.info['model'].get('arch')} on {m.get('gpu') or m['cpu']} "
                         f"({s['warmup']} warm-up + {s['iters']} timed calls)")
-    for col in _HEAD + (["device p50 ms"] if cuda else []) + ["x student", "top-1 %"]:
+    for col in _HEAD + (["stream p50 ms"] if cuda else []) + ["x student", "top-1 %"]:
         table.add_column(col, justify="left" if col in ("backend", "prec", "model") else "right")
     for r in _collapsed(result.rows)[0]:
         table.add_row(*_cells(r, cuda))
@@ -999,7 +976,7 @@ def _cells(r: Row, cuda: bool) -> list[str]:
 
 def markdown_table(rows: list[Row], cuda: bool = False) -> str:
     """The same rows as Markdown (BENCHMARKS.md); backends that could not run follow as a list."""
-    head = _HEAD + (["device p50 ms"] if cuda else []) + ["x student", "top-1 %"]
+    head = _HEAD + (["stream p50 ms"] if cuda else []) + ["x student", "top-1 %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_cells(r, cuda)) + " |" for r in _collapsed(rows)[0]]
     skipped = skipped_lines(rows)

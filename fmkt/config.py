@@ -294,6 +294,10 @@ def validate_method(m: MethodConfig) -> None:
         (m.loss, ("kd", "dkd", "dist", "pkd", "mse"), "method.loss"),
         (m.transfer, ("logits", "features"), "method.transfer"),
     ])
+    if m.transfer == "features" and m.name != "fmkt":
+        raise FmktError(f"method.transfer=features works with method fmkt only (method {m.name!r} distills "
+                        "logits: theta's head and OFM-KT's ensemble target are logits); use method.transfer=logits "
+                        "or --method fmkt.")
 
 
 def _check_names(checks) -> None:

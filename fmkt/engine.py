@@ -36,6 +36,7 @@ from fmkt.data import BatchLoader, ImageTensors, check_images, load_dataset
 from fmkt.distillers import build_distiller, check_method
 from fmkt.errors import FmktError
 from fmkt.io import atomic_path, ensure_writable_dir
+from fmkt.runtime import FP32, strict_fp32
 from fmkt.student import DeployableModel
 
 CHECKPOINT = "checkpoint.pt"
@@ -122,8 +123,11 @@ def eval_keys(model: DeployableModel, steps) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(model: DeployableModel, data, keys: list[str], batch_size: int, device, amp: bool = False) -> dict:
+def evaluate(model: DeployableModel, data, keys: list[str], batch_size: int, device) -> dict:
     """Top-1 accuracy (%) on ``data`` for each key ("plain", "0" theta, "K"); Z1 is computed once per batch.
+
+    Always in IEEE fp32 (no autocast, TF32 off; ``runtime.FP32``), whatever the training precision, so the numbers
+    stored in fmkt.json and shown by bench mean one thing on every device.
 
     Under DDP each rank counts its shard (items r, r + W, ...) and the counts are summed: every rank returns the
     same numbers, those of the whole set (the caller makes the models equal first).
@@ -132,7 +136,7 @@ def evaluate(model: DeployableModel, data, keys: list[str], batch_size: int, dev
         rank, world = dist.get_rank(), dist.get_world_size()
         data = ImageTensors(data.images[rank::world], data.labels[rank::world])
     loader = BatchLoader(data, batch_size, shuffle=False, augment_info=None, seed=0)
-    correct, total = count_correct(model, loader, keys, device, amp)
+    correct, total = count_correct(model, loader, keys, device)
     if ddp_active():
         counts = torch.tensor([correct[k] for k in keys] + [total], dtype=torch.float64, device=device)
         dist.all_reduce(counts)
@@ -141,16 +145,16 @@ def evaluate(model: DeployableModel, data, keys: list[str], batch_size: int, dev
 
 
 @torch.no_grad()
-def count_correct(model: DeployableModel, batches, keys: list[str], device, amp: bool = False) -> tuple[dict, int]:
-    """({key: correct top-1 count}, images) over ``batches`` of (images, labels, ...); Z1 once per batch."""
+def count_correct(model: DeployableModel, batches, keys: list[str], device) -> tuple[dict, int]:
+    """({key: correct top-1 count}, images) over ``batches`` of (images, labels, ...); Z1 once per batch; IEEE
+    fp32 (``runtime.strict_fp32``)."""
     was_training = model.training
     model.eval()
     correct = {k: 0 for k in keys}
     total = 0
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda") else nullcontext()
     for images, labels, *_ in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with ctx:
+        with strict_fp32():
             if keys == ["plain"]:
                 outputs = {"plain": model(images)}
             else:
@@ -214,6 +218,16 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b and full not in RESUME_FREE_KEYS:
             keys.append(full)
     return keys
+
+
+def nonfinite_loss(value: float, epoch: int, step: int, *, updated: bool, last_good=None) -> FmktError:
+    """The one sentence for a NaN/Inf loss. Before any weight update the learning rate cannot be the cause, so
+    that case names what can be (the data, the method's settings); afterwards a lower LR is the usual cure."""
+    where = f"the loss became {value} at epoch {epoch + 1}, step {step + 1}"
+    if not updated:
+        return FmktError(f"{where}, before any weight update, so the learning rate is not the cause: check the "
+                         "data (NaN/Inf in the images?) and the method's settings (schedule, loss, transfer).")
+    return FmktError(f"{where}; stopped. The last good checkpoint is {last_good or 'none'}; try a lower --lr.")
 
 
 @dataclass
@@ -309,9 +323,11 @@ def _fit(cfg: Config, teacher, teacher_info, resume, console, extra_info) -> Fit
 
     seed_everything(cfg.train.seed)  # the same seed on every rank: identical initial weights and RNG draws
     student = build_student(cfg, info).to(device)
-    from fmkt.kernels import install_step_kernel  # lazy: Triton is imported only where a kernel can run
+    from fmkt.kernels import install_step_kernel, kernel_summary  # lazy: Triton is imported only where it can run
 
     install_step_kernel(student, cfg.train.kernel, device)
+    if device.type == "cuda" and student.is_flow:
+        console.print(kernel_summary(cfg.train.kernel, device), highlight=False)
     if teacher is not None:
         teacher = teacher.to(device)
     input_shape = (info.in_channels, *info.image_size)
@@ -407,9 +423,8 @@ def _fit(cfg: Config, teacher, teacher_info, resume, console, extra_info) -> Fit
                 if ddp:  # every rank stops together
                     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                 if not bool(finite):
-                    raise FmktError(
-                        f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. "
-                        f"The last good checkpoint is {last_good or 'none'}; try a lower --lr.")
+                    raise nonfinite_loss(loss.item(), epoch, step, updated=bool(epoch or step or resume),
+                                         last_good=last_good)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -436,7 +451,7 @@ def _fit(cfg: Config, teacher, teacher_info, resume, console, extra_info) -> Fit
                 for buf in distiller.student.buffers():
                     dist.broadcast(buf, 0)
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-                acc = evaluate(student, test_set, keys, cfg.data.eval_batch_size, device, amp)
+                acc = evaluate(student, test_set, keys, cfg.data.eval_batch_size, device)
                 record["top1"] = acc
                 best = {k: max(best[k], acc[k]) for k in keys}
             history.append(record)
@@ -460,7 +475,7 @@ def _fit(cfg: Config, teacher, teacher_info, resume, console, extra_info) -> Fit
             "train_steps": cfg.method.train_step_choices(),
             "dataset": {"name": info.name, "num_classes": info.num_classes,
                         "class_names": list(info.class_names) if info.class_names else None},
-            "metrics": {"last": last, "best": best, "epochs": cfg.train.epochs},
+            "metrics": {"last": last, "best": best, "epochs": cfg.train.epochs, "precision": FP32},
             "teacher": teacher_info,
             **({"distributed": {"world_size": world, "backend": dist.get_backend()}} if ddp else {}),
             **(extra_info or {}),

@@ -18,6 +18,7 @@ from fmkt.engine import (CHECKPOINT, FitResult, build_student, check_output_dir,
                          evaluate, fit, resolve_device)
 from fmkt.errors import FmktError
 from fmkt.imports import is_import_path
+from fmkt.runtime import FP32
 from fmkt.teacher import load_teacher
 
 
@@ -142,7 +143,16 @@ def run_eval(artifact: str, data: str | None, data_dir: str | None, steps: list[
     if model.is_flow and not keys:
         raise FmktError(f"none of the steps {steps} can run on this artifact (K=0 needs a theta head).")
     acc = evaluate(model.to(dev), test, keys, batch_size, dev)
-    return {"artifact": str(artifact), "dataset": name, "images": len(test), "top1": acc, "meta": meta}
+    return {"artifact": str(artifact), "dataset": name, "images": len(test), "top1": acc,
+            "skipped": skipped_steps(model, steps, meta.get("method")), "precision": FP32, "meta": meta}
+
+
+def skipped_steps(model, steps, method: str | None) -> dict:
+    """{K: why} for each requested K this model cannot be evaluated at (so no K is dropped without a word)."""
+    if not model.is_flow:
+        return {}  # one output whatever K: its row is "student"
+    return {str(k): f"K=0 is the FM-KT^Theta head, and this artifact was trained with method {method or 'unknown'}, "
+                    "not theta" for k in steps if k == 0 and model.theta_head is None}
 
 
 def versions() -> dict:

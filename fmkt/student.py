@@ -15,7 +15,7 @@ from torch import nn
 
 from fmkt.errors import FmktError
 from fmkt.flow.encoders import TimeEmbedding, build_encoder
-from fmkt.flow.sampler import SamplerOutput, run_sampler
+from fmkt.flow.sampler import SamplerOutput, apply_head, run_sampler
 from fmkt.flow.schedules import build_schedule
 
 TRANSFERS = ("logits", "features")
@@ -86,7 +86,7 @@ class DeployableModel(nn.Module):
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """The shape map S after pooling: (B, C) -> (B, classes)."""
-        return self.backbone.get_classifier()(pooled)
+        return apply_head(self.backbone.get_classifier(), pooled)
 
     def sample(self, z1: torch.Tensor, steps: int, *, return_velocities: bool = False) -> SamplerOutput:
         return run_sampler(

@@ -6,13 +6,15 @@
   loop of ``run_sampler``.
 
 Triton is optional: nothing here imports it until a kernel is asked for. ``install_step_kernel(model, mode)``
-is the one switch: ``auto`` uses the kernels on CUDA and the torch reference elsewhere, ``triton``
+is the one switch: ``auto`` uses what was shown correct and faster on CUDA (today the whole-sampler inference
+kernel; the fused training step stays torch, see ``AUTO_STEP_KERNEL``) and the torch reference elsewhere, ``triton``
 insists (on CPU only with ``TRITON_INTERPRET=1``, which runs the kernels in Triton's interpreter, slowly),
 ``torch`` never uses them. Kernels are never traced: under torch.compile, torch.export, ONNX export or
 jit tracing the dispatchers take the torch path.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Sequence
 
@@ -24,8 +26,14 @@ from fmkt.flow.sampler import euler_step_reference
 KERNEL_MODES = ("auto", "triton", "torch")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-__all__ = ["KERNEL_MODES", "install_step_kernel", "kernel_unavailable_reason", "fused_euler_step",
+__all__ = ["KERNEL_MODES", "install_step_kernel", "kernel_summary", "kernel_unavailable_reason", "fused_euler_step",
            "fused_mlp_sampler", "interpret_requested", "triton_import_error"]
+
+
+def on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU: Triton launches on the *current* device, which in a single process training on
+    cuda:1 is still cuda:0 ("Pointer argument cannot be accessed from Triton"). A no-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def interpret_requested() -> bool:
@@ -42,12 +50,22 @@ def triton_import_error() -> str | None:
     return None
 
 
+MIN_CAPABILITY = (8, 0)  # Triton's supported NVIDIA GPUs (its README: compute capability 8.0+), bf16 included
+
+
 def kernel_unavailable_reason(device: torch.device | str) -> str | None:
     """None when the kernels can run on tensors of ``device``; else a short reason."""
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            return f"there is no {device} (CUDA sees {torch.cuda.device_count()} GPU(s))"
+        cap = tuple(torch.cuda.get_device_capability(index))
+        if cap < MIN_CAPABILITY:
+            return (f"{device} has compute capability {cap[0]}.{cap[1]} and Triton needs "
+                    f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer")
     elif device.type != "cpu" or not interpret_requested():
         return f"this run is on the {device.type.upper() if device.type == 'cpu' else device.type}"
     err = triton_import_error()
@@ -113,12 +131,22 @@ def fused_mlp_sampler(z1: torch.Tensor, encoder, time_embed, steps: Sequence, tr
     return fin if transfer == "features" else est
 
 
+# What ``auto`` turns on where the kernels can run (CUDA). The fused training step is off: on an H100 it was not
+# faster end to end (training is launch-bound; BENCHMARKS.md, "Triton vs torch training"), so auto keeps the torch
+# step and ``--kernel triton`` remains the explicit choice. The whole-sampler inference kernel (mlp encoder) is on:
+# 3.7x the eager loop at K = 8 on the H100, matching the torch loop in the kernel tests.
+AUTO_STEP_KERNEL = False
+AUTO_SAMPLER_KERNEL = True
+
+
 def install_step_kernel(model, mode: str = "auto", device: torch.device | str | None = None) -> str:
     """Point ``model.step_fn`` / ``model.sampler_fn`` at the kernels (or at nothing: the torch reference).
 
-    model: a DeployableModel (a plain model without a meta-encoder gets nothing; None only checks the mode). device: where it will run
-    (default: its parameters' device). Returns the path taken, "triton" or "torch". ``mode="triton"`` where
-    the kernels cannot run raises FmktError.
+    model: a DeployableModel (a plain model without a meta-encoder gets nothing; None only checks the mode). device:
+    where it will run (default: its parameters' device). Returns the training step's path, "triton" or "torch"
+    (:func:`kernel_summary` says what was installed, and why). ``mode="triton"`` where the kernels cannot run
+    raises FmktError; ``auto`` never does: it falls back to torch (CPU, old GPUs, no Triton) and says why in
+    :func:`kernel_summary`.
     """
     if mode not in KERNEL_MODES:
         raise FmktError(f"unknown kernel {mode!r}; choose one of {', '.join(KERNEL_MODES)}.")
@@ -126,19 +154,35 @@ def install_step_kernel(model, mode: str = "auto", device: torch.device | str | 
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device if device is not None else "cpu")
-    use = False
+    step = sampler = False
     if mode == "triton":
         reason = kernel_unavailable_reason(device)
         if reason:
             raise FmktError(f"--kernel triton needs a CUDA GPU with Triton installed, but {reason}; use "
                             "--kernel auto (or torch), or set TRITON_INTERPRET=1 to run the kernels "
                             "interpreted on CPU (slow).")
-        use = True
-    elif mode == "auto":
+        step = sampler = True
+    elif mode == "auto" and device.type == "cuda":
         # CUDA only (the interpreter is for tests and --kernel triton): a CPU run never even imports Triton.
-        use = device.type == "cuda" and kernel_unavailable_reason(device) is None
-    if getattr(model, "encoder", None) is None:
-        return "triton" if use else "torch"
-    model.step_fn = fused_euler_step if use else None
-    model.sampler_fn = fused_mlp_sampler if use else None
-    return "triton" if use else "torch"
+        ok = kernel_unavailable_reason(device) is None
+        step, sampler = ok and AUTO_STEP_KERNEL, ok and AUTO_SAMPLER_KERNEL
+    if getattr(model, "encoder", None) is not None:
+        model.step_fn = fused_euler_step if step else None
+        model.sampler_fn = fused_mlp_sampler if sampler else None
+    return "triton" if step else "torch"
+
+
+def kernel_summary(mode: str, device: torch.device | str) -> str:
+    """One line for the run log: which flow-step implementation a run on ``device`` with ``mode`` uses, and why."""
+    device = torch.device(device)
+    if mode == "torch":
+        return "kernels: torch (--kernel torch)"
+    if mode == "triton":
+        return "kernels: Triton fused step and whole-sampler inference (--kernel triton)"
+    if device.type != "cuda":
+        return "kernels: torch (the Triton kernels are for CUDA)"
+    reason = kernel_unavailable_reason(device)
+    if reason:
+        return f"kernels: torch, because {reason}"
+    return ("kernels: torch training step (the fused Triton step was not faster end to end; --kernel triton uses "
+            "it), Triton whole-sampler inference for the mlp encoder")

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from fmkt.flow.sampler import euler_step_reference
+from fmkt.kernels import on_device
 
 # Triton decides interpreter-or-compiler when a kernel is decorated, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
@@ -121,26 +122,27 @@ def _check(x, v, z1, e_next):
 def euler_step_forward(x, v, z1, e_next, dt: float, p: float, q: float):
     """Fused forward. x, v, z1: (B, C, H, W); e_next: (B or 1, C) or None.
 
-    Returns (x_next (B, C, H, W), u_next (B, C, H, W) or None, pooled (B, C)) in the promoted dtype.
+    Returns x_next (B, C, H, W) in x and v's promoted dtype, u_next (B, C, H, W) in z1's dtype (or None) and
+    pooled (B, C) in fp32, like the twin ``euler_step_reference``.
     """
     _check(x, v, z1, e_next)
     b, c, h, w = x.shape
     hw, n_planes = h * w, b * c
-    dtype = torch.result_type(x, v) if e_next is None else torch.promote_types(torch.result_type(x, v), e_next.dtype)
-    pooled_dtype = torch.result_type(z1, v)
+    dtype = torch.result_type(x, v)
     x, v, z1 = x.contiguous(), v.contiguous(), z1.contiguous()
     x_next = _empty(x.shape, dtype, x.device)
-    u_next = None if e_next is None else _empty(x.shape, dtype, x.device)
-    pooled = _empty((b, c), pooled_dtype, x.device)
+    u_next = None if e_next is None else _empty(x.shape, z1.dtype, x.device)  # the encoder's input dtype
+    pooled = _empty((b, c), torch.float32, x.device)  # the estimate is fp32 whatever the operands (as the twin)
     if e_next is not None:
         e_next = e_next.contiguous()
     rows, block_hw, warps = _tiles(n_planes, hw)
-    _euler_step_fwd_kernel[(triton.cdiv(n_planes, rows),)](
-        x, v, z1, e_next if e_next is not None else x, x_next, u_next if u_next is not None else x_next, pooled,
-        n_planes, c, hw, 0 if e_next is None or e_next.shape[0] == 1 else c,
-        float(dt), float(p), float(q), 1.0 / hw,
-        HAS_E=e_next is not None, ROWS=rows, BLOCK_HW=block_hw, num_warps=warps,
-    )
+    with on_device(x):
+        _euler_step_fwd_kernel[(triton.cdiv(n_planes, rows),)](
+            x, v, z1, e_next if e_next is not None else x, x_next, u_next if u_next is not None else x_next, pooled,
+            n_planes, c, hw, 0 if e_next is None or e_next.shape[0] == 1 else c,
+            float(dt), float(p), float(q), 1.0 / hw,
+            HAS_E=e_next is not None, ROWS=rows, BLOCK_HW=block_hw, num_warps=warps,
+        )
     return x_next, u_next, pooled
 
 
@@ -171,15 +173,16 @@ def euler_step_backward(g_x_next, g_u_next, g_pooled, shape, dt: float, p: float
     de_planes = _empty((b, c), torch.float32, device) if need_de else None
     dummy = ref
     rows, block_hw, warps = _tiles(n_planes, hw)
-    _euler_step_bwd_kernel[(triton.cdiv(n_planes, rows),)](
-        g_x_next if has_gx else dummy, g_u_next if has_gu else dummy, g_pooled if has_gp else dummy,
-        dx if need_dx else dummy, dv if need_dv else dummy, dz if need_dz else dummy,
-        de_planes if need_de else dummy,
-        n_planes, hw, float(dt), float(p), float(q), 1.0 / hw,
-        HAS_GX=has_gx, HAS_GU=has_gu, HAS_GP=has_gp,
-        NEED_DX=need_dx, NEED_DV=need_dv, NEED_DZ=need_dz, NEED_DE=need_de,
-        ROWS=rows, BLOCK_HW=block_hw, num_warps=warps,
-    )
+    with on_device(ref):
+        _euler_step_bwd_kernel[(triton.cdiv(n_planes, rows),)](
+            g_x_next if has_gx else dummy, g_u_next if has_gu else dummy, g_pooled if has_gp else dummy,
+            dx if need_dx else dummy, dv if need_dv else dummy, dz if need_dz else dummy,
+            de_planes if need_de else dummy,
+            n_planes, hw, float(dt), float(p), float(q), 1.0 / hw,
+            HAS_GX=has_gx, HAS_GU=has_gu, HAS_GP=has_gp,
+            NEED_DX=need_dx, NEED_DV=need_dv, NEED_DZ=need_dz, NEED_DE=need_de,
+            ROWS=rows, BLOCK_HW=block_hw, num_warps=warps,
+        )
     de = None
     if need_de:
         de = (de_planes.sum(0, keepdim=True) if e_batch == 1 else de_planes).to(dtypes[3])

@@ -22,8 +22,9 @@ import triton.language as tl
 from torch import nn
 
 from fmkt.flow.encoders import ChannelLayerNorm, MLPEncoder
-from fmkt.flow.sampler import run_sampler, time_embeddings
+from fmkt.flow.sampler import fp32, run_sampler, time_embeddings
 from fmkt.flow.schedules import StepConstants
+from fmkt.kernels import on_device
 from fmkt.kernels.euler_step import INTERPRETED, _empty
 
 MAX_CHANNELS = 512  # the state tile holds all channels of BLOCK_P pixels; beyond this it would spill
@@ -174,7 +175,7 @@ def mlp_sampler_forward(z1: torch.Tensor, encoder: MLPEncoder, time_embed: nn.Mo
                         steps: Sequence[StepConstants]) -> tuple[torch.Tensor, torch.Tensor]:
     """K-step sampler in one launch. z1: (B, C, H, W).
 
-    Returns (mean over steps of the pooled estimates (B, C), pooled final state (B, C)), in z1's dtype:
+    Returns (mean over steps of the pooled estimates (B, C), pooled final state (B, C)), in fp32 like the twin:
     exactly what inference needs for logit transfer (S of the first) and feature transfer (S of the second).
     """
     b, c, h, w = z1.shape
@@ -186,7 +187,7 @@ def mlp_sampler_forward(z1: torch.Tensor, encoder: MLPEncoder, time_embed: nn.Mo
     dot_dtype = z1.dtype
     ln_w, ln_b, w1, b1, w2, b2, wo, bo = _packed_weights(encoder, dot_dtype, z1.device)
     depth, hid = w1.shape[0], w1.shape[2]
-    emb = time_embeddings(time_embed, steps, z1).contiguous()  # (K, C) in z1's dtype, as the torch loop adds it
+    emb = time_embeddings(time_embed, steps, fp32(z1[:0])).contiguous()  # (K, C) fp32, as the torch loop adds it
     coef = torch.tensor([[s.dt, s.p, s.q] for s in steps], dtype=torch.float32, device=z1.device)
     block_p, block_c, block_h, warps = _tiles(c, hw, hid)
     n_tiles = triton.cdiv(hw, block_p)
@@ -196,14 +197,15 @@ def mlp_sampler_forward(z1: torch.Tensor, encoder: MLPEncoder, time_embed: nn.Mo
         precision = "tf32" if (z1.is_cuda and torch.backends.cudnn.allow_tf32) else "ieee"
     else:
         precision = "ieee"  # fp16/bf16 operands: the choice does not apply
-    _mlp_sampler_kernel[(b, n_tiles)](
-        z1, emb, coef, ln_w, ln_b, w1, b1, w2, b2, wo, bo, est, fin,
-        b, c, hw, hid, k, depth,
-        sum(s.p for s in steps), 1.0 / (k * hw), 1.0 / hw, float(encoder.blocks[0][0].eps),
-        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_H=block_h, PRECISION=precision, num_warps=warps,
-        **({"num_stages": stages} if (stages := _stages(dot_dtype, block_c)) else {}),
-    )
-    return est.sum(0).to(z1.dtype), fin.sum(0).to(z1.dtype)
+    with on_device(z1):
+        _mlp_sampler_kernel[(b, n_tiles)](
+            z1, emb, coef, ln_w, ln_b, w1, b1, w2, b2, wo, bo, est, fin,
+            b, c, hw, hid, k, depth,
+            sum(s.p for s in steps), 1.0 / (k * hw), 1.0 / hw, float(encoder.blocks[0][0].eps),
+            BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_H=block_h, PRECISION=precision, num_warps=warps,
+            **({"num_stages": stages} if (stages := _stages(dot_dtype, block_c)) else {}),
+        )
+    return est.sum(0), fin.sum(0)
 
 
 @torch.no_grad()

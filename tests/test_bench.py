@@ -138,17 +138,78 @@ def test_an_aoti_crash_in_the_child_process_is_a_failed_row(artifact, tmp_path, 
     H100): a child killed by a signal becomes a failed row naming the signal, and the bench goes on."""
     import subprocess
 
-    import fmkt.bench as bench
+    import fmkt.export.aoti as aoti
 
     calls = []
 
     def crash(cmd, **kw):
-        calls.append(cmd[3])  # compile | load
+        calls.append(cmd[cmd.index("fmkt.export.aoti") + 1])  # compile | load
         return subprocess.CompletedProcess(cmd, -11, "", "Fatal Python error: Segmentation fault")
 
-    monkeypatch.setattr(bench.subprocess, "run", crash)
+    monkeypatch.setattr(aoti.subprocess, "run", crash)
     res = run_bench(artifact, BenchSettings(backends=["aoti", "eager"], batches=[1], steps=[1], iters=2, warmup=0,
                                             device="cpu", out=tmp_path / "a.json"), progress=False)
     status = {(r.backend, r.variant): (r.status, r.reason) for r in res.rows}
     assert status[("aoti", "1")][0] == "failed" and "signal 11" in status[("aoti", "1")][1]
     assert status[("eager", "1")][0] == "ok" and calls == ["compile", "compile"]
+
+
+def test_rows_take_host_and_device_percentiles_from_their_own_samples(artifact, tmp_path, monkeypatch):
+    """Each row's p50/p90/p99 come from the host latencies and its device_* from the CUDA-event spans: two distinct
+    sample lists (fed here by a fake timing loop; the real CUDA loop is checked on the GPU, below)."""
+    import fmkt.bench as bench
+
+    host = [float(i) for i in range(1, 101)]  # p50 50.5, p90 90.1, p99 99.01
+    device = [i / 10 for i in range(1, 101)]  # a tenth of it
+
+    def fake(runners, images, dev, warmup, iters):
+        out = {}
+        for v, r in runners.items():
+            t = bench.Timed(r)
+            t.host, t.device = list(host), list(device)
+            out[v] = t
+        return out
+
+    monkeypatch.setattr(bench, "time_interleaved", fake)
+    res = run_bench(artifact, BenchSettings(backends=["eager"], batches=[2], steps=[1], iters=100, warmup=0,
+                                            device="cpu", out=tmp_path / "p.json"), progress=False)
+    row = next(r for r in res.rows if r.variant == "1")
+    assert (row.p50_ms, row.p90_ms, row.p99_ms) == pytest.approx((50.5, 90.1, 99.01))
+    assert (row.device_p50_ms, row.device_p90_ms, row.device_p99_ms) == pytest.approx((5.05, 9.01, 9.901))
+    assert row.throughput == pytest.approx(1e3 * 2 / 50.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA (scripts/gpu_check.sh runs it on the GPU)")
+def test_cuda_device_time_is_measured_on_the_stream_not_on_the_host():
+    """On CUDA, host time is end to end (64 MiB pinned batch copied in, logits copied back) and device time spans
+    only the call on the stream. A call that does nothing on a big batch: device ~0, host = the copy; a call
+    that keeps the GPU busy ~20 ms: device ~20 ms."""
+    from fmkt.bench import Runner, time_interleaved
+
+    class Idle(Runner):
+        def run(self, x):
+            return x[:1, :1]
+
+    class Busy(Runner):
+        def run(self, x):
+            torch.cuda._sleep(cycles)
+            return x[:1, :1]
+
+    def gpu_ms(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(n)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    gpu_ms(1_000_000)  # warm
+    cycles = int(10_000_000 * 20.0 / gpu_ms(10_000_000))  # ~20 ms of GPU time
+    expected = sorted(gpu_ms(cycles) for _ in range(3))[1]
+    images = torch.rand(64, 1024, 256)  # 64 MiB
+    res = time_interleaved({"idle": Idle(), "busy": Busy()}, images, torch.device("cuda"), warmup=2, iters=10)
+    idle, busy = res["idle"], res["busy"]
+    assert idle.error is None and busy.error is None
+    assert percentiles(idle.device)[0] < 0.25 * percentiles(idle.host)[0], (idle.device, idle.host)
+    assert 0.8 * expected < percentiles(busy.device)[0] < 1.25 * expected, (expected, busy.device)
+    assert percentiles(busy.host)[0] > percentiles(busy.device)[0]

@@ -103,6 +103,40 @@ def test_eval_artifact_at_several_k(tmp_path):
     assert table.exit_code == 0 and "K=1" in table.output
 
 
+def test_eval_says_why_a_requested_k_was_not_evaluated(tmp_path):
+    """K=0 is the theta head: on an fmkt artifact a requested K=0 is named with the reason, not dropped."""
+    out = tmp_path / "fm"
+    assert invoke("distill", "--method", "fmkt", "--epochs", 1, "--out", out, *TINY).exit_code == 0
+    result = invoke("eval", out / "artifact", "--steps", "0,4")
+    assert result.exit_code == 0, result.output
+    assert "K=4" in result.output and "theta (K=0) was not evaluated" in result.output
+    assert "trained with method fmkt" in " ".join(result.output.split())
+    data = json.loads(invoke("eval", out / "artifact", "--steps", "0,4", "--json").output)
+    assert set(data["top1"]) == {"4"} and set(data["skipped"]) == {"0"} and data["precision"].startswith("fp32")
+    quiet = invoke("eval", out / "artifact")  # the default list: what the artifact can run, without notes
+    assert quiet.exit_code == 0 and "not evaluated" not in quiet.output and "K=8" in quiet.output
+    meta = json.loads((out / "artifact" / "fmkt.json").read_text())
+    assert meta["metrics"]["precision"].startswith("fp32") and meta["model"]["default_steps"] == 2
+
+
+def test_nonfinite_loss_names_the_cause(tmp_path, monkeypatch):
+    """A NaN loss before any weight update cannot come from the learning rate: the sentence says so (VP +
+    feature transfer used to end here with "try a lower --lr")."""
+    from fmkt.engine import nonfinite_loss
+
+    first = str(nonfinite_loss(float("nan"), 0, 0, updated=False))
+    assert "before any weight update" in first and "learning rate is not the cause" in first
+    assert "--lr" not in first
+    later = str(nonfinite_loss(float("inf"), 2, 9, updated=True, last_good="runs/x/checkpoint.pt"))
+    assert "epoch 3, step 10" in later and "try a lower --lr" in later and "runs/x/checkpoint.pt" in later
+    import fmkt.distillers.fmkt as fm
+
+    monkeypatch.setattr(fm.FMKTDistiller, "forward_train",
+                        lambda self, images, labels, progress=0.0: (None, {"loss_kd": images.sum() * float("nan")}))
+    result = invoke("distill", "--epochs", 1, "--out", tmp_path / "nan", *TINY)
+    assert result.exit_code == 2 and "before any weight update" in result.output
+
+
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     args = ["distill", "--epochs", 2, *TINY]
     full = invoke(*args, "--out", tmp_path / "full")

@@ -42,6 +42,9 @@ def test_yaml_file_set_and_shortcut_precedence(tmp_path):
     ({"method": {"eval_steps": [-1]}}, ">= 0"),
     ({"method": {"dirac_ratio": 2}}, "dirac_ratio"),
     ({"train": {"epochs": 0}}, "train.epochs must be >= 1"),
+    ({"method": {"name": "theta", "transfer": "features"}}, "transfer=features works with method fmkt only"),
+    ({"method": {"name": "ofmkt", "transfer": "features"}}, "transfer=features works with method fmkt only"),
+    ({"method": {"name": "kd", "transfer": "features"}}, "transfer=features works with method fmkt only"),
 ])
 def test_bad_config_is_one_sentence(bad, match):
     with pytest.raises(FmktError, match=match):
@@ -146,3 +149,39 @@ def test_build_model_from_spec_matches():
     spec = model_spec(model, "resnet8", 1, (8, 8), "mlp")
     rebuilt = build_model(spec)
     assert set(rebuilt.state_dict()) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("transfer", ["logits", "features"])
+def test_reloaded_artifact_runs_like_the_trained_model(tmp_path, transfer):
+    """fmkt.json records what the model needs to run as it did: default_steps (model(x) with no steps ran K=1
+    after a reload while the trained model ran K=N) and the transfer (logits average the step estimates,
+    features pool the end state: a reload that ignored it would give other logits)."""
+    torch.manual_seed(0)
+    model = DeployableModel(create_model("resnet8", num_classes=4, in_channels=1), (0.3,), (0.4,), encoder="conv",
+                            schedule="vp", theta_head=True, transfer=transfer, default_steps=4).eval()
+    spec = model_spec(model, "resnet8", 1, (8, 8), "conv")
+    assert spec["default_steps"] == 4 and spec["transfer"] == transfer
+    path = save_artifact(tmp_path / "art", model, spec, {"method": "theta", "train_steps": [4]})
+    loaded, _ = load_artifact(path)
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x)) and torch.equal(model(x), model(x, steps=4))
+        assert not torch.allclose(model(x, steps=1), model(x, steps=4))  # K matters, so the default is tested
+        for k in (0, 1, 2, 3, 4, 8):
+            assert torch.equal(loaded(x, steps=k), model(x, steps=k)), k
+        other = DeployableModel(create_model("resnet8", num_classes=4, in_channels=1), (0.3,), (0.4,),
+                                encoder="conv", schedule="vp", theta_head=True, default_steps=4,
+                                transfer="logits" if transfer == "features" else "features")
+        other.load_state_dict(model.state_dict())
+        assert not torch.allclose(other.eval()(x), model(x))  # the transfer changes the output: it is tested
+
+
+def test_artifact_without_default_steps_runs_its_last_training_n(tmp_path):
+    """Artifacts written before fmkt.json recorded default_steps run the last training N, as the engine set it."""
+    model = _flow_model(theta=False)
+    model.default_steps = 8
+    spec = model_spec(model, "resnet8", 1, (8, 8), "mlp")
+    del spec["default_steps"]
+    path = save_artifact(tmp_path / "old", model, spec, {"method": "fmkt", "train_steps": [1, 2, 8]})
+    loaded, _ = load_artifact(path)
+    assert loaded.default_steps == 8

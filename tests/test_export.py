@@ -181,6 +181,44 @@ def test_parity_breach_exits_1_and_says_by_how_much(artifact, tmp_path, monkeypa
     assert "exceeds the -1 gate by" in result.output and "FAIL" in result.output
 
 
+def test_parity_gates_are_the_published_numbers():
+    """The gates, pinned as literals (the other tests read them from GATES, so a loosened gate would loosen them
+    too), and check_parity fed outputs perturbed just under and just over each gate."""
+    from fmkt.export.parity import check_parity
+
+    assert GATES == {"fp32": {"max_abs_diff": 1e-4, "top1_agreement": 1.0},
+                     "fp16": {"max_abs_diff": 1e-2, "top1_agreement": 0.99}}
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(200, 3, generator=gen)
+    logits = torch.eye(4)[torch.arange(200) % 4] * 5.0 + images[:, :1]  # wide margins: argmax is row % 4
+    reference = lambda x: logits[: len(x)]  # noqa: E731
+    for precision, gate in (("fp32", 1e-4), ("fp16", 1e-2)):
+        for scale, ok in ((0.9, True), (1.1, False)):
+            bumped = lambda x, s=scale * gate: logits[: len(x)] + s * (torch.arange(4) == 1)  # noqa: E731
+            report = check_parity(reference, bumped, images, [1, 200], precision, "test", "test")
+            assert report.passed is ok, (precision, scale, [r.max_abs_diff for r in report.rows])
+    # top-1 agreement (read alone: the moved rows also breach the diff gate): fp32 needs every image, fp16 99 %
+    # (2 moved argmaxes in 200 are 99.0 %: pass; 3 are 98.5 %: fail)
+    for precision, moved, ok in (("fp32", 1, False), ("fp16", 2, True), ("fp16", 3, False)):
+        def shifted(x, n=moved):
+            out = logits[: len(x)].clone()
+            out[:n] = out[:n].roll(1, dims=1)  # each of the first n rows votes for the next class
+            return out
+        report = check_parity(reference, shifted, images, [200], precision, "test", "test")
+        assert report.rows[0].top1_agreement == pytest.approx(1 - moved / 200)
+        assert (report.rows[0].top1_agreement >= GATES[precision]["top1_agreement"]) is ok, (precision, moved)
+
+
+def test_parity_compares_the_exported_graph_not_pytorch(artifact, tmp_path, monkeypatch):
+    """A graph whose logits are off by 2e-4 (twice the fp32 gate) must fail export: parity runs the ONNX graph
+    in ONNX Runtime, never PyTorch against itself."""
+    real = ox.ort_run
+    monkeypatch.setattr(ox, "ort_run", lambda session, x: real(session, x) + 2e-4)
+    result = run_export(artifact, 1, "onnx", out=tmp_path / "e")
+    assert not result.passed
+    assert 1.9e-4 < result.reports[0].rows[0].max_abs_diff < 2.1e-4
+
+
 def _tensorrt_ready():
     try:
         import tensorrt  # noqa: F401
@@ -255,3 +293,160 @@ def test_aoti_round_trip(tmp_path):
     for b in (1, 3):
         x = torch.rand(b, 1, SIZE, SIZE)
         assert (loaded(x) - model(x, steps=1)).abs().max().item() <= 1e-4
+
+
+class _FakeTrt:
+    """Just enough of the tensorrt module for build_engine and EngineRunner.bind, recording the calls made."""
+
+    __version__ = "10.16.1"
+
+    def __init__(self):
+        self.calls = []
+        fake = self
+
+        class Enum:
+            def __init__(self, **members):
+                self.__dict__.update(members)
+
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level=0: None})
+        self.NetworkDefinitionCreationFlag = Enum(STRONGLY_TYPED=5)
+        self.BuilderFlag = Enum(TF32=7, FP16=0)
+        self.MemoryPoolType = Enum(WORKSPACE=0)
+
+        class Config:
+            def set_memory_pool_limit(self, *a):
+                pass
+
+            def set_flag(self, flag):
+                fake.calls.append(("set_flag", flag))
+
+            def clear_flag(self, flag):
+                fake.calls.append(("clear_flag", flag))
+
+            def add_optimization_profile(self, p):
+                pass
+
+            def create_timing_cache(self, seed):
+                return b"cache"
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                pass
+
+            def get_timing_cache(self):
+                return type("C", (), {"serialize": lambda s: b"cache"})()
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return object()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return type("P", (), {"set_shape": lambda s, *a: None})()
+
+            def build_serialized_network(self, network, config):
+                return b"plan"
+
+        self.Builder = Builder
+        self.OnnxParser = type("Parser", (), {"__init__": lambda s, n, l: None, "parse_from_file": lambda s, p: True,
+                                              "num_errors": 0})
+
+
+@pytest.mark.parametrize("precision,cleared", [("fp32", True), ("fp16", False)])
+def test_tensorrt_fp32_engine_is_built_without_tf32(tmp_path, monkeypatch, precision, cleared):
+    """TensorRT allows TF32 by default (~1e-3 error against the 1e-4 fp32 gate): fp32 engines clear the flag and
+    export.json says so."""
+    import fmkt.export.tensorrt_engine as te
+
+    trt = _FakeTrt()
+    monkeypatch.setattr(te, "load_tensorrt", lambda path: trt)
+    monkeypatch.setattr(te.torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    (tmp_path / "m.onnx").write_bytes(b"")
+    facts = te.build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", tmp_path / "t.cache", (1, 8, 8), (1, 2, 4),
+                            precision)
+    assert (("clear_flag", 7) in trt.calls) is cleared and facts["tf32"] is (not cleared)
+
+
+def test_tensorrt_batch_outside_the_profile_is_one_sentence():
+    """set_input_shape only returns False for a batch outside the optimization profile; the runner names the range
+    instead of failing later in an obscure way."""
+    from fmkt.export.tensorrt_engine import EngineRunner
+
+    class Context:
+        def set_input_shape(self, name, shape):
+            return 1 <= shape[0] <= 32
+
+        def get_tensor_shape(self, name):
+            raise AssertionError("not reached for a refused batch")
+
+    class Engine:
+        def get_tensor_profile_shape(self, name, profile):
+            return [(1, 1, 8, 8), (8, 1, 8, 8), (32, 1, 8, 8)]
+
+    runner = object.__new__(EngineRunner)
+    runner.engine, runner.context, runner.input_name, runner.output_name = Engine(), Context(), "images", "logits"
+    runner.in_dtype, runner.out_dtype = torch.float32, torch.float32
+    assert runner.profile_range() == (1, 32)
+    with pytest.raises(FmktError, match=r"batches of 1 to 32 images .* not 64; rebuild it with"):
+        runner.bind(torch.zeros(64, 1, 8, 8))
+
+
+def test_aoti_on_cuda_with_a_crashing_torch_is_refused_in_one_sentence(artifact, tmp_path, monkeypatch):
+    """torch 2.11 segfaults loading any AOTInductor CUDA package (a plain CNN too, on an H100): export refuses up
+    front, before a minute of compiling, and says what to use instead; FMKT_AOTI_CUDA=1 lifts the guard."""
+    import fmkt.export.aoti as aoti
+    import fmkt.export.pipeline as pipeline
+
+    monkeypatch.setattr(aoti.torch, "__version__", "2.11.0+cu130")
+    monkeypatch.setattr(pipeline, "resolve_device", lambda name: torch.device("cuda"))
+    with pytest.raises(FmktError, match=r"crash the process that loads them with torch 2\.11\.0.*--format onnx"):
+        run_export(artifact, 1, "aoti", device="cuda", out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    assert aoti.cuda_refusal(torch.device("cpu")) is None
+    monkeypatch.setenv("FMKT_AOTI_CUDA", "1")
+    assert aoti.cuda_refusal(torch.device("cuda")) is None
+    monkeypatch.setattr(aoti.torch, "__version__", "2.13.0")
+    monkeypatch.delenv("FMKT_AOTI_CUDA")
+    assert aoti.cuda_refusal(torch.device("cuda")) is None
+
+
+def test_an_aoti_child_that_dies_is_one_sentence_naming_the_signal_and_the_phase(artifact, tmp_path, monkeypatch):
+    """The compile, load and parity run happen in a child process: a segfault there (as torch 2.11 does on CUDA)
+    ends the export with exit 2 and one sentence, never a dead fmkt-cli."""
+    import subprocess
+
+    import fmkt.export.aoti as aoti
+
+    def crash(cmd, **kw):
+        assert cmd[1:4] == ["-X", "faulthandler", "-m"] and cmd[5] == "validate"
+        return subprocess.CompletedProcess(cmd, -11, "fmkt-aoti: compiled\n",
+                                           "warnings.warn(\nFatal Python error: Segmentation fault\n")
+
+    monkeypatch.setattr(aoti.subprocess, "run", crash)
+    result = runner.invoke(app, ["export", str(artifact), "--steps", "1", "--format", "aoti", "--device", "cpu",
+                                 "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "signal 11 (SIGSEGV) while loading the compiled package (Fatal Python error: Segmentation fault)" in text
+    assert "warnings.warn" not in text and "Traceback" not in text and not (tmp_path / "a").exists()
+
+
+def test_onnxruntime_cuda_fp32_turns_tf32_off(monkeypatch):
+    """ONNX Runtime's CUDA provider allows TF32 by default: fp32 sessions (export parity, bench) ask for use_tf32=0,
+    fp16 ones keep the default."""
+    assert ox.cuda_provider_options("fp32") == {"use_tf32": "0"} and ox.cuda_provider_options("fp16") == {}
+    seen = {}
+
+    class Session:
+        def __init__(self, model, opts, providers):
+            seen["providers"] = providers
+
+    monkeypatch.setattr(ox.require("onnxruntime"), "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ox.require("onnxruntime"), "InferenceSession", Session)
+    ox.ort_session(b"", "fp32")
+    assert seen["providers"] == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]

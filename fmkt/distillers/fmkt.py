@@ -113,8 +113,9 @@ class FMKTDistiller(Distiller):
         out = self.student.sample(z1, n, return_velocities=True)
         sched = self.student.schedule
         steps = sched.steps(n)
+        # the target in fp32 at the schedule's clamped time (VP's s'(1) is infinite)
         loss_flow = sum(
-            pkd_loss(v, sched.da(c.t) * z1 + sched.ds(c.t) * z0) for v, c in zip(out.velocities, steps)
+            pkd_loss(v.float(), sched.target_velocity(z1, z0, c.t)) for v, c in zip(out.velocities, steps)
         ) * (cfg.loss_weight / n)
         logits = self.student.head(out.final_state.mean(dim=(2, 3)))
         return logits, {"loss_ce": cfg.ce_weight * self._ce(logits, labels), "loss_flow": loss_flow}

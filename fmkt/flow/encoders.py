@@ -36,7 +36,8 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(inplace=True), nn.Linear(channels, channels))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.channels))
+        features = sinusoidal_embedding(t, self.channels)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # a .half() or .double() model works too
 
 
 class ConvEncoder(nn.Module):

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from fmkt.flow.schedules import StepConstants
+from fmkt.flow.schedules import StepConstants, fp32
 
 # One inner update: (x, v, z1, e_next or None, dt, p, q) -> (x_next, u_next or None, pooled_estimate (B, C)).
 StepFn = Callable[..., tuple]
@@ -28,13 +28,21 @@ def euler_step_reference(x, v, z1, e_next, dt: float, p: float, q: float):
     """The elementwise part of one step in plain torch (the reference twin of the fused kernel).
 
     x, v, z1: (B, C, H, W); e_next: (B or 1, C) time embedding of the next step, or None on the last step.
-    Returns x_next = x - dt * v, u_next = x_next + e_next (the next encoder input, None on the last step),
-    and the pooled teacher estimate mean_{H,W}(p * z1 + q * v) of shape (B, C).
+    Returns x_next = x - dt * v, u_next = x_next + e_next (the next encoder input, in z1's dtype; None on the
+    last step), and the pooled teacher estimate mean_{H,W}(p * z1 + q * v) of shape (B, C), always formed and
+    returned in fp32: VP/VE coefficients reach |p|, |q| ~ 10^2-10^3, and a 16-bit product would lose the
+    estimate to rounding (autocast leaves elementwise ops in their inputs' dtype).
     """
     x_next = x - dt * v
-    u_next = None if e_next is None else x_next + e_next[:, :, None, None]
-    pooled = (p * z1 + q * v).mean(dim=(2, 3))
+    u_next = None if e_next is None else cast(x_next + e_next[:, :, None, None], z1.dtype)
+    pooled = (p * fp32(z1) + q * fp32(v)).mean(dim=(2, 3))
     return x_next, u_next, pooled
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; a no-op (and no node in a traced graph) when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
+
 
 
 @dataclass
@@ -45,6 +53,13 @@ class SamplerOutput:
 
     def mean_pooled(self) -> torch.Tensor:
         return torch.stack(self.pooled_estimates, 0).mean(0)
+
+
+def apply_head(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """The linear head S on pooled features (B, C), fed in the head's own dtype (the estimates are fp32; a
+    ``.half()`` model's head is fp16; under autocast the weight is fp32 and autocast casts both)."""
+    weight = getattr(head, "weight", None)
+    return head(pooled if weight is None else cast(pooled, weight.dtype))
 
 
 def time_embeddings(time_embed: nn.Module, steps: Sequence[StepConstants], ref: torch.Tensor) -> torch.Tensor:
@@ -68,11 +83,15 @@ def run_sampler(
     return_velocities: bool = False,
     step_fn: StepFn | None = None,
 ) -> SamplerOutput:
-    """Run the Euler loop from Z1 (B, C, H, W); see the module docstring. Nothing is detached."""
+    """Run the Euler loop from Z1 (B, C, H, W); see the module docstring. Nothing is detached.
+
+    The Euler state x is kept in fp32 whatever Z1's dtype, so K steps do not accumulate 16-bit rounding, and the
+    estimates are formed in fp32; the encoder's input u is cast to Z1's dtype (what autocast would feed it anyway).
+    """
     step_fn = step_fn or euler_step_reference
-    emb = time_embeddings(time_embed, steps, z1)  # (N, C)
-    x = z1
-    u = z1 + emb[0][None, :, None, None]
+    x = fp32(z1)
+    emb = time_embeddings(time_embed, steps, x)  # (N, C)
+    u = cast(x + emb[0][None, :, None, None], z1.dtype)  # the encoder runs in Z1's dtype (a .half() model: fp16)
     pooled, velocities = [], [] if return_velocities else None
     for i, c in enumerate(steps):
         v = encoder(u)

@@ -18,7 +18,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from fmkt.errors import FmktError
+
+
+def fp32(t):
+    """A tensor in at least float32 (16-bit floats widened; float32/float64 as they are)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 @dataclass(frozen=True)
@@ -50,16 +57,26 @@ class Schedule:
         """The time at which the estimate coefficients are evaluated (schedules with s'(t) = inf clamp it)."""
         return t
 
+    def velocity_coefficients(self, t: float) -> tuple[float, float]:
+        """(a'(t), s'(t)) at the clamped time: the target velocity is a' Z1 + s' Z0 (finite for every t in (0, 1])."""
+        tc = self.coefficient_time(t)
+        return self.da(tc), self.ds(tc)
+
     def estimate_coefficients(self, t: float) -> tuple[float, float]:
         """(p, q) with Z0_hat = p * Z1 + q * v at time t."""
-        tc = self.coefficient_time(t)
-        ds = self.ds(tc)
-        return -self.da(tc) / ds, 1.0 / ds
+        da, ds = self.velocity_coefficients(t)
+        return -da / ds, 1.0 / ds
 
     def teacher_estimate(self, z1, v, t: float):
-        """Z0_hat from the student representation Z1 and a velocity v at time t (any shape, broadcast)."""
+        """Z0_hat from the student representation Z1 and a velocity v at time t (any shape, broadcast), in at least
+        fp32: |p|, |q| reach the hundreds for VP/VE, so 16-bit operands would drown the estimate in rounding."""
         p, q = self.estimate_coefficients(t)
-        return p * z1 + q * v
+        return p * fp32(z1) + q * fp32(v)
+
+    def target_velocity(self, z1, z0, t: float):
+        """a'(t) Z1 + s'(t) Z0 in (at least) fp32 (feature transfer regresses the encoder's velocity onto it)."""
+        da, ds = self.velocity_coefficients(t)
+        return da * fp32(z1) + ds * fp32(z0)
 
     def steps(self, num_steps: int) -> list[StepConstants]:
         """Per-step constants of the N-step Euler sampler, t = N/N, (N-1)/N, ..., 1/N."""
