@@ -19,10 +19,12 @@ from pathlib import Path
 from rich.console import Console
 
 from fmkt.config import build_config
-from fmkt.engine import fit, step_label
-from fmkt.pipeline import obtain_teacher, teacher_accuracy, versions
+from fmkt.distillers import METHODS  # every registered method, in the registry's order
+from fmkt.engine import fit
+from fmkt.evaluation import step_label
+from fmkt.commands import obtain_teacher, teacher_accuracy
+from fmkt.runtime import environment, environment_rows
 
-METHODS = ["none", "kd", "dkd", "dist", "fmkt", "theta", "ofmkt"]
 KEYS = ["plain", "1", "2", "4", "8", "0"]
 
 
@@ -105,7 +107,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     teacher, tinfo = obtain_teacher(base, console)  # trained once (seed 0), cached, shared by every run
     tinfo["accuracy"] = teacher_accuracy(teacher, base)
-    results.update({"config": base.to_dict(), "teacher": tinfo, "seeds": seeds, "versions": versions(),
+    results.update({"config": base.to_dict(), "teacher": tinfo, "seeds": seeds,
+                    "versions": environment_rows(environment()),  # the rows of `fmkt-cli info`
                     "command": "python " + " ".join(sys.argv),
                     "date": time.strftime("%Y-%m-%d")})
     console.print(f"teacher {tinfo['arch']}: {tinfo['accuracy']:.2f} %")

@@ -12,9 +12,10 @@
 2. Whole sampler (``mlp`` encoder, C = 256, hidden 512, depth 2, batch 256, 8 x 8) vs the eager K-step loop
    (no grad) for K = 1, 2, 4, 8.
 Times are ``triton.testing.do_bench`` medians (ms) on CUDA; in --smoke mode wall-clock medians of the
-interpreter, which say nothing about speed. Results: OUT/kernels_<gpu>.json and .csv, keyed by GPU name and
-versions. Targets (GPU): fused step >= 80 % of copy bandwidth on large maps and >= 2x eager for
-forward+backward; whole sampler >= 3x the eager loop at K = 8, batch 256.
+interpreter, which say nothing about speed (both through ``fmkt.bench.timing.kernel_ms``, the one timing harness).
+Results: OUT/kernels_<gpu>.json and .csv, keyed by GPU name and versions (``fmkt.runtime.environment``).
+Targets (GPU): fused step >= 80 % of copy bandwidth on large maps and >= 2x eager for forward+backward; whole
+sampler >= 3x the eager loop at K = 8, batch 256.
 """
 from __future__ import annotations
 
@@ -22,15 +23,17 @@ import argparse
 import csv
 import json
 import os
-import platform
 import re
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+from fmkt.bench.timing import kernel_ms
+from fmkt.runtime import environment
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STEP_SIZES = [  # (label, B, C, H, W)
@@ -54,38 +57,17 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-class Timer:
-    """Median ms of a callable: do_bench on CUDA, wall clock (after one warm-up) in the interpreter."""
-
-    def __init__(self, cuda: bool, quick: bool):
-        self.cuda, self.quick = cuda, quick
-
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            from triton.testing import do_bench
-
-            warmup, rep = (10, 40) if self.quick else (25, 100)
-            return float(do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])[0])
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-
 def versions(device: torch.device) -> dict:
-    import triton
+    """The file's meta keys (torch, triton, python, platform, cuda, date, device), plus the machine and versions of
+    fmkt.runtime.environment."""
+    env = environment(device)
+    v, m = env["versions"], env["machine"]
+    return {"torch": v["torch"], "triton": v["triton"], "python": v["python"], "platform": m["platform"],
+            "cuda": torch.version.cuda, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": m.get("gpu") or "cpu (Triton interpreter)", "machine": m, "versions": v}
 
-    info = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "cuda": torch.version.cuda,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
-    return info
 
-
-def copy_bandwidth(timer: Timer, device: torch.device, smoke: bool) -> float:
+def copy_bandwidth(timer: Callable, device: torch.device, smoke: bool) -> float:
     """GB/s of y.copy_(x) (read + write) on a large buffer."""
     n = (1 << 20) if smoke else (512 << 20) // 4
     x = torch.empty(n, dtype=torch.float32, device=device).uniform_()
@@ -233,7 +215,7 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     if not cuda and dtype == torch.bfloat16:
         dtype = torch.float16  # bf16 math is broken in the interpreter
-    timer = Timer(cuda, args.quick or args.smoke)
+    timer = partial(kernel_ms, device=device, quick=args.quick or args.smoke)  # fn -> median ms
     meta = versions(device)
     meta.update(mode="smoke (interpreter; times meaningless)" if not cuda else ("quick" if args.quick else "full"),
                 dtype=str(dtype).split(".")[1])

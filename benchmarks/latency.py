@@ -12,7 +12,8 @@ Students:
 Per student, pass 1 times the backends that need no compile at every K (CPU: eager, onnxruntime; CUDA: eager,
 cudagraph, onnxruntime, trt; fp32, and fp16 on CUDA); pass 2 (``_compiled``) times torch.compile and AOTInductor at
 the student alone and K=4 (each compiles once per K and batch). Files: OUT/latency_<device>_<student>[_compiled]
-.{json,csv,png} and OUT/latency_<device>_<student>.md (the tables and the target checks).
+.{json,csv,png} and OUT/latency_<device>_<student>.md (the tables and the target checks). Timing: run_bench's harness
+(fmkt.bench.timing); machine and versions: fmkt.runtime.environment, as in every bench JSON.
 Targets are checked and printed (measured / not measured), never asserted:
 - K-step overhead: FM-KT at K=4 <= 1.3x the student alone at batch 1 and 64 on the same backend; theta (K=0) 1.0x;
 - ONNX Runtime on the CPU >= 1.5x faster than eager at batch 1 for K=4;
@@ -32,10 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fmkt.artifact import is_artifact, model_spec, save_artifact  # noqa: E402
-from fmkt.bench import BenchSettings, device_slug, machine_info, markdown_table, run_bench  # noqa: E402
-from fmkt.models import create_model  # noqa: E402
-from fmkt.student import DeployableModel  # noqa: E402
+from fmkt.artifact import is_artifact, save_artifact  # noqa: E402
+from fmkt.bench import BenchSettings, device_slug, markdown_table, run_bench  # noqa: E402
+from fmkt.runtime import environment  # noqa: E402
+from fmkt.student import StudentSpec, build_student, spec_of  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -56,10 +57,10 @@ def resnet8x4_artifact(folder: Path) -> Path:
     if is_artifact(path):
         return path
     torch.manual_seed(0)
-    backbone = create_model("resnet8x4", num_classes=100, in_channels=3)
-    model = DeployableModel(backbone, [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762], encoder="conv",
-                            theta_head=True)
-    spec = model_spec(model, "resnet8x4", 3, (32, 32), "conv")
+    model = build_student(StudentSpec(arch="resnet8x4", num_classes=100, channels=3, size=(32, 32),
+                                      mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), encoder="conv",
+                                      theta_head=True))
+    spec = spec_of(model).to_json()
     info = {"method": "theta", "loss": "dist", "train_steps": [8],
             "dataset": {"name": "cifar100-shaped (random weights, latency only)", "num_classes": 100},
             "metrics": {}}
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = device_slug(machine_info(torch.device(args.device)))
+    slug = device_slug(environment(torch.device(args.device))["machine"])
     students = []
     if args.only in (None, "default"):
         students.append(("default", default_artifact(Path(args.artifact))))

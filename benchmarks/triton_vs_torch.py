@@ -17,7 +17,8 @@ Fashion-MNIST-shaped batches (1 x 28 x 28, 10 classes), batch 128, bf16 autocast
 3. 20 steps of SGD (lr 0.01, momentum 0.9, Nesterov) on 20 fixed batches, in bf16 and in fp32 (deterministic
    cuDNN), torch, triton and torch again: the loss trajectories side by side. Chaotic divergence starts at rounding
    level and grows; a bug shows at step 1.
-4. Speed: the same 20 steps timed (after warm-up) on each path in 3 alternating rounds: median images/s.
+4. Speed: the same 20 steps timed (after warm-up) on each path in 3 alternating rounds: median images/s
+   (fmkt.bench.timing.time_callables, the one timing harness; machine and versions: fmkt.runtime.environment).
 Prints PASS/FAIL lines and a table, writes OUT/triton_vs_torch_<device>.json.
 """
 from __future__ import annotations
@@ -27,8 +28,8 @@ import contextlib
 import copy
 import json
 import sys
-import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,14 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build(device, smoke: bool):
     from fmkt.config import MethodConfig
     from fmkt.distillers import build_distiller
-    from fmkt.models import create_model
-    from fmkt.student import DeployableModel
+    from fmkt.student import StudentSpec, build_student
 
     torch.manual_seed(0)
     t_arch, s_arch = ("resnet8", "resnet8") if smoke else ("resnet32x4", "resnet8x4")
-    teacher = DeployableModel(create_model(t_arch, num_classes=10, in_channels=1), (0.286,), (0.353,)).to(device)
-    student = DeployableModel(create_model(s_arch, num_classes=10, in_channels=1), (0.286,), (0.353,),
-                              encoder="conv", schedule="rectified", default_steps=8).to(device)
+    common = dict(num_classes=10, channels=1, size=(28, 28), mean=(0.286,), std=(0.353,))
+    teacher = build_student(StudentSpec(arch=t_arch, **common)).to(device)
+    student = build_student(StudentSpec(arch=s_arch, encoder="conv", schedule="rectified", default_steps=8,
+                                        **common)).to(device)
     cfg = MethodConfig(name="fmkt", loss="dist", encoder="conv", train_steps="2" if smoke else "8")
     return build_distiller(cfg, student, teacher.eval(), input_shape=(1, 28, 28)).to(device)
 
@@ -164,6 +165,8 @@ def speed(device, smoke, batches, bf16: bool, warmup: int = 3, rounds: int = 3):
     """Training steps per path (lr 0.01), timed in alternating rounds over the same batches; the median round."""
     import statistics
 
+    from fmkt.bench.timing import time_callables
+
     steppers = {}
     for name, d in zip(("torch", "triton"), paths(device, smoke)):
         opt = torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True)
@@ -178,17 +181,14 @@ def speed(device, smoke, batches, bf16: bool, warmup: int = 3, rounds: int = 3):
         for images, labels in batches[:warmup]:
             step(images, labels)
         steppers[name] = step
-    times = {name: [] for name in steppers}
-    for _ in range(rounds):
-        for name, step in steppers.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for images, labels in batches:
-                step(images, labels)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
+
+    def one_round(step):
+        for images, labels in batches:
+            step(images, labels)
+
+    ms = time_callables({name: partial(one_round, step) for name, step in steppers.items()}, device, warmup=0,
+                        iters=rounds)
+    times = {name: [t / 1e3 for t in round_ms] for name, round_ms in ms.items()}  # s per round
     n = sum(len(b[1]) for b in batches)
     return {name: {"images_per_s": round(n / statistics.median(t), 1),
                    "ms_per_step": round(1e3 * statistics.median(t) / len(batches), 3),
@@ -231,6 +231,8 @@ def kernel_rows(device, smoke):
 
 
 def main(argv=None) -> int:
+    from fmkt.runtime import environment
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="benchmarks/results")
@@ -244,9 +246,11 @@ def main(argv=None) -> int:
     batches = [(torch.rand(batch, 1, 28, 28, generator=gen).to(device),
                 torch.randint(0, 10, (batch,), generator=gen).to(device)) for _ in range(args.steps)]
     bf16 = device.type == "cuda"
+    env = environment(device)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "triton": __import__("triton").__version__,
+              "device": env["machine"].get("gpu") or "cpu",
+              "torch": env["versions"]["torch"], "triton": env["versions"]["triton"],
+              "machine": env["machine"], "versions": env["versions"],
               "setting": ("resnet8 -> resnet8, N=2 (smoke)" if smoke else
                           "resnet32x4 -> resnet8x4, FM-KT DIST conv rectified N=8, 1x28x28, 10 classes") +
                          f", batch {batch}, {'bf16 autocast' if bf16 else 'fp32'}"}

@@ -1,8 +1,11 @@
-"""`fmkt-cli`: thin typer commands over fmkt.pipeline. torch is imported inside commands so --help stays fast."""
+"""`fmkt-cli`: thin typer commands: options -> config -> fmkt.commands / fmkt.export / fmkt.bench -> tables.
+
+torch is imported inside the commands, so --help stays fast; the lists of names (methods, losses, ...) live in
+their registries, which `fmkt-cli info --models` prints.
+"""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -58,13 +61,14 @@ def _shortcuts(**values) -> dict:
 
 
 def _build(config, sets, **shortcuts):
-    from fmkt.config import build_config, parse_set
+    from fmkt.commands import configure
+    from fmkt.config import parse_set
 
-    return build_config(config, [_shortcuts(**shortcuts), parse_set(sets)])
+    return configure(config, [_shortcuts(**shortcuts), parse_set(sets)])
 
 
 def _result_table(result, title: str) -> Table:
-    from fmkt.engine import step_label
+    from fmkt.evaluation import step_label
 
     table = Table(title=title)
     table.add_column("model")
@@ -101,7 +105,7 @@ def _teacher_arch(arch: str | None, model: str | None) -> str | None:
 def train(
     model: str = typer.Option(None, "--model", help="Architecture to train (see `fmkt-cli info --models`), or an "
                                                     "import path pkg.module:factory."),
-    data: str = typer.Option(None, "--data", help="digits | mnist | fashion-mnist | cifar10 | cifar100, or "
+    data: str = typer.Option(None, "--data", help="A dataset (`fmkt-cli info --models` lists them), or "
                                                   "pkg.module:factory returning (train, test) datasets."),
     data_dir: str = typer.Option(None, "--data-dir", help="Dataset folder (default per dataset)."),
     epochs: int = typer.Option(None, "--epochs"),
@@ -118,7 +122,7 @@ def train(
     """Plain supervised training (a teacher, or a student alone); writes OUT/artifact."""
 
     def go():
-        from fmkt.pipeline import run_train
+        from fmkt.commands import run_train
 
         cfg = _build(config, sets, student=model, data__name=data, data__dir=data_dir, train__epochs=epochs,
                      data__batch_size=batch_size, optim__lr=lr, train__seed=seed, train__kernel=kernel, out=out)
@@ -137,13 +141,14 @@ def distill(
     teacher_model: str = typer.Option(None, "--teacher-model", help="The teacher as pkg.module:factory (or a zoo "
                                                                     "name); --teacher PATH gives its weights."),
     student: str = typer.Option(None, "--student", help="Student architecture: a zoo name or pkg.module:factory."),
-    data: str = typer.Option(None, "--data", help="digits (default) | mnist | fashion-mnist | cifar10 | cifar100, "
+    data: str = typer.Option(None, "--data", help="A dataset (default digits; `fmkt-cli info --models` lists them), "
                                                   "or pkg.module:factory returning (train, test) datasets."),
     data_dir: str = typer.Option(None, "--data-dir"),
-    method: str = typer.Option(None, "--method", help="fmkt | theta | ofmkt | kd | dkd | dist | none"),
-    loss: str = typer.Option(None, "--loss", help="Metric loss D for FM-KT: kd | dkd | dist | pkd | mse"),
-    encoder: str = typer.Option(None, "--encoder", help="Meta-encoder: conv | mlp | transformer"),
-    schedule: str = typer.Option(None, "--schedule", help="rectified | vp | ve"),
+    method: str = typer.Option(None, "--method", help="Method (default fmkt); `fmkt-cli info --models` lists the "
+                                                      "registered methods, losses, encoders and schedules."),
+    loss: str = typer.Option(None, "--loss", help="Metric loss D of the FM-KT methods (default dist)."),
+    encoder: str = typer.Option(None, "--encoder", help="Meta-encoder (default conv)."),
+    schedule: str = typer.Option(None, "--schedule", help="Interpolation schedule (default rectified)."),
     train_steps: str = typer.Option(None, "--train-steps", help="N, or a list drawn per iteration: 1,2,4,8,16"),
     eval_steps: str = typer.Option(None, "--eval-steps", help="K values to evaluate, e.g. 1,2,4,8 (0 = theta)."),
     dirac_ratio: float = typer.Option(None, "--dirac-ratio", help="Fraction of pairs keeping their own teacher target."),
@@ -161,8 +166,8 @@ def distill(
     """Distill a student from a teacher with FM-KT (or a baseline). With no options: the built-in digits demo."""
 
     def go():
+        from fmkt.commands import describe, run_distill
         from fmkt.config import parse_int_list
-        from fmkt.pipeline import run_distill
 
         steps = parse_int_list(eval_steps, "--eval-steps") if eval_steps is not None else None
         cfg = _build(config, sets, teacher__path=teacher, teacher__arch=_teacher_arch(teacher_arch, teacher_model),
@@ -172,11 +177,7 @@ def distill(
                      method__eval_steps=steps, method__dirac_ratio=dirac_ratio, train__epochs=epochs,
                      data__batch_size=batch_size, optim__lr=lr, train__seed=seed, train__kernel=kernel, out=out)
         result = run_distill(cfg, resume=resume, console=err_console)
-        title = (f"{cfg.method.name} ({cfg.method.loss}, {cfg.method.encoder}, {cfg.method.schedule}): "
-                 f"{cfg.student} on {cfg.data.name}, {result.epochs} epochs"
-                 if cfg.method.name in ("fmkt", "theta", "ofmkt") else
-                 f"{cfg.method.name}: {cfg.student} on {cfg.data.name}, {result.epochs} epochs")
-        _report(result, title)
+        _report(result, describe(cfg, result.epochs))
 
     _run(go, debug)
 
@@ -197,8 +198,8 @@ def eval_cmd(
 
     def go():
         from fmkt.config import parse_int_list
-        from fmkt.engine import step_label
-        from fmkt.pipeline import run_eval
+        from fmkt.evaluation import step_label
+        from fmkt.commands import run_eval
 
         asked = parse_int_list(steps, "--steps") if steps is not None else [0, 1, 2, 4, 8]
         res = run_eval(artifact, data, data_dir, asked, batch_size, device)
@@ -228,12 +229,12 @@ def info(
     """Versions of torch, triton, onnx, onnxruntime (providers), tensorrt, and the devices."""
 
     def go():
-        from fmkt.pipeline import versions
+        from fmkt.runtime import environment, environment_rows
 
         table = Table(title="fmkt environment")
         table.add_column("component")
         table.add_column("version / state")
-        for k, v in versions().items():
+        for k, v in environment_rows(environment()).items():
             table.add_row(k, ", ".join(v) if isinstance(v, list) else str(v))
         out_console.print(table)
         if models:

@@ -23,7 +23,6 @@ from torch import nn
 
 from fmkt.runtime import strict_fp32
 
-TASKS = ("compile", "load", "validate")  # compile only; load + run once; compile + load + run the parity batches
 # torch releases whose AOTInductor CUDA packages crash the loading process: on an H100 (CUDA 13.0) torch 2.11.0
 # segfaults in aoti_load_package for a plain 6-layer torch CNN too (scripts/gpu_numerics.py; BENCHMARKS.md), so
 # it is torch's, not our graph's. FMKT_AOTI_CUDA=1 tries anyway (the crash stays isolated in the child).

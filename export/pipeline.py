@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fmkt import __version__
 from fmkt.artifact import load_artifact
-from fmkt.engine import resolve_device
+from fmkt.runtime import resolve_device
 from fmkt.errors import FmktError
-from fmkt.io import atomic_dir
+from fmkt.files import atomic_dir
 from fmkt.export.graph import check_steps, static_module
 from fmkt.export.parity import ParityError, check_parity, parity_images
 
@@ -36,7 +36,6 @@ class ExportResult:
     meta: dict
     reports: list  # ParityReport per runtime checked (ONNX Runtime, then the TensorRT engine when built)
     engine_error: FmktError | None = None  # trt without TensorRT or a GPU: the ONNX was still written
-    notes: list = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -120,14 +119,8 @@ def compile_aoti(artifact, steps: int, package: Path, batch: tuple, precision: s
     return lambda x: outputs[len(x)]
 
 
-def run_export(artifact: str | Path, steps: int, fmt: str = "onnx", *, precision: str = "fp32",
-               batch: str | tuple = DEFAULT_BATCH, opset: int | None = None, out: str | Path | None = None,
-               force: bool = False, device: str = "auto") -> ExportResult:
-    """Export ``artifact`` with K = ``steps`` to ``fmt``; write the folder; return the files and the parity report.
-
-    Raises FmktError for user errors before anything is written. A parity breach or a missing TensorRT does not
-    raise here (the files are written first): call ``result.raise_for_status()``.
-    """
+def _check_request(fmt: str, precision: str, steps, batch, opset, device: str):
+    """The options, checked before anything is loaded: ((min, opt, max) batch, opset, device)."""
     from fmkt.export import onnx_export as ox
 
     if fmt not in FORMATS:
@@ -136,7 +129,7 @@ def run_export(artifact: str | Path, steps: int, fmt: str = "onnx", *, precision
         raise FmktError(f"unknown precision {precision!r}; choose fp32 or fp16.")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise FmktError(f"--steps must be an integer >= 0, got {steps!r}.")
-    lo, opt, hi = parse_batch(batch) if isinstance(batch, str) else parse_batch(":".join(map(str, batch)))
+    bounds = parse_batch(batch) if isinstance(batch, str) else parse_batch(":".join(map(str, batch)))
     if fmt == "aoti" and opset is not None:
         raise FmktError("--opset only applies to the onnx and trt formats.")
     opset = ox.DEFAULT_OPSET if opset is None and fmt != "aoti" else opset
@@ -147,67 +140,93 @@ def run_export(artifact: str | Path, steps: int, fmt: str = "onnx", *, precision
         refusal = cuda_refusal(dev)
         if refusal:
             raise FmktError(f"{refusal}.")
-    model, meta = load_artifact(artifact)
-    check_steps(model, steps, meta.get("method"))
+    else:
+        ox.require("onnx"), ox.require("onnxruntime")
+    return bounds, opset, dev
+
+
+def _output_folder(out, artifact, fmt: str, steps: int, precision: str, force: bool) -> Path:
     out = Path(out) if out is not None else default_out(artifact, fmt, steps, precision)
     if out.exists() and not force:
         raise FmktError(f"{out} already exists; pass --force to overwrite it.")
     if out.exists() and not out.is_dir():
         raise FmktError(f"output path {out} exists and is a file; pass a folder path with --out.")
-    if fmt in ("onnx", "trt"):
-        ox.require("onnx"), ox.require("onnxruntime")
+    return out
 
+
+def _write_onnx(tmp: Path, module, example, opset: int, precision: str, export_meta: dict):
+    """model.onnx (checked, FP16 if asked, metadata inside); returns (runner, target) for the parity check."""
+    from fmkt.export import onnx_export as ox
+
+    graph = ox.cleanup(ox.export_onnx(module, example, opset))
+    if precision == "fp16":
+        graph = ox.to_fp16(graph)
+    export_meta["graph_summary"] = ox.graph_summary(graph)
+    problems = ox.trt_readiness(graph)
+    export_meta["tensorrt_readiness"] = {"ready": not problems, "problems": problems, "operator_list": ox.TRT_SOURCE}
+    ox.set_metadata(graph, export_meta)
+    (tmp / "model.onnx").write_bytes(graph.SerializeToString())
+    session = ox.ort_session(graph.SerializeToString(), precision)
+    return (lambda x: ox.ort_run(session, x)), f"onnxruntime {session.get_providers()[0]}"
+
+
+def _write_engine(tmp: Path, out: Path, images, bounds: tuple, precision: str, export_meta: dict, parity) -> tuple:
+    """model.plan + timing.cache from model.onnx and the engine's parity report; (report, None), or (None, the
+    reason) when TensorRT or a GPU is missing (the ONNX is kept)."""
+    from fmkt.export.tensorrt_engine import EngineRunner, TensorRTUnavailable, build_engine, load_tensorrt
+
+    try:
+        load_tensorrt(out / "model.onnx")  # one sentence and exit 2 when TensorRT or a GPU is missing
+        export_meta["tensorrt"] = build_engine(tmp / "model.onnx", tmp / "model.plan", tmp / "timing.cache",
+                                               tuple(images.shape[1:]), bounds, precision,
+                                               reuse_cache=out / "timing.cache")
+    except TensorRTUnavailable as exc:
+        export_meta["tensorrt"] = {"built": False, "reason": str(exc)}
+        return None, exc
+    return parity(EngineRunner(tmp / "model.plan"), f"TensorRT {export_meta['tensorrt']['tensorrt']}"), None
+
+
+def run_export(artifact: str | Path, steps: int, fmt: str = "onnx", *, precision: str = "fp32",
+               batch: str | tuple = DEFAULT_BATCH, opset: int | None = None, out: str | Path | None = None,
+               force: bool = False, device: str = "auto") -> ExportResult:
+    """Export ``artifact`` with K = ``steps`` to ``fmt``; write the folder; return the files and the parity report.
+
+    Raises FmktError for user errors before anything is written. A parity breach or a missing TensorRT does not
+    raise here (the files are written first): call ``result.raise_for_status()``.
+    """
+    bounds, opset, dev = _check_request(fmt, precision, steps, batch, opset, device)
+    model, meta = load_artifact(artifact)
+    check_steps(model, steps, meta.get("method"))
+    out = _output_folder(out, artifact, fmt, steps, precision, force)
     module = static_module(model, steps, meta.get("method"))
-    info = export_metadata(meta, model, steps, fmt, precision, (lo, opt, hi), opset if fmt != "aoti" else None)
-    info["source"]["artifact"] = str(Path(artifact).resolve())
-    images, data = parity_images(meta, min(PARITY_BATCH, hi))
-    example = images[:2] if len(images) >= 2 else images.repeat(2, 1, 1, 1)  # trace with B >= 2
+    export_meta = export_metadata(meta, model, steps, fmt, precision, bounds, opset if fmt != "aoti" else None)
+    export_meta["source"]["artifact"] = str(Path(artifact).resolve())
+    images, data = parity_images(meta, min(PARITY_BATCH, bounds[2]))
     reference = lambda x: model(x, steps=steps if model.is_flow else None)  # noqa: E731
-    batches = [lo, len(images)]
-    files: dict = {}
-    engine_error = None
+    batches = [bounds[0], len(images)]
+    parity = lambda runner, target: check_parity(reference, runner, images, batches, precision, target, data)  # noqa: E731
+    files, engine_error = {}, None
     with atomic_dir(out, overwrite=force) as tmp:
         if fmt in ("onnx", "trt"):
-            graph = ox.cleanup(ox.export_onnx(module, example, opset))
-            if precision == "fp16":
-                graph = ox.to_fp16(graph)
-            info["graph_summary"] = ox.graph_summary(graph)
-            problems = ox.trt_readiness(graph)
-            info["tensorrt_readiness"] = {"ready": not problems, "problems": problems,
-                                          "operator_list": ox.TRT_SOURCE}
-            ox.set_metadata(graph, info)
-            (tmp / "model.onnx").write_bytes(graph.SerializeToString())
+            example = images[:2] if len(images) >= 2 else images.repeat(2, 1, 1, 1)  # trace with B >= 2
+            reports = [parity(*_write_onnx(tmp, module, example, opset, precision, export_meta))]
             files["onnx"] = "model.onnx"
-            session = ox.ort_session(graph.SerializeToString(), precision)
-            target = f"onnxruntime {session.get_providers()[0]}"
-            runner = lambda x: ox.ort_run(session, x)  # noqa: E731
         else:
-            runner = compile_aoti(artifact, steps, tmp / "model.pt2", (lo, opt, hi), precision, dev, images,
-                                  batches)
-            info["aoti"] = {"torch": torch.__version__, "device": str(dev), "tf32": precision != "fp32",
-                            "compiled_in": "a child process (a crash there cannot take this process down)"}
+            runner = compile_aoti(artifact, steps, tmp / "model.pt2", bounds, precision, dev, images, batches)
+            export_meta["aoti"] = {"torch": torch.__version__, "device": str(dev), "tf32": precision != "fp32",
+                                   "compiled_in": "a child process (a crash there cannot take this process down)"}
             files["aoti"] = "model.pt2"
-            target = f"AOTInductor ({dev.type})"
-        reports = [check_parity(reference, runner, images, batches, precision, target, data)]
+            reports = [parity(runner, f"AOTInductor ({dev.type})")]
         if fmt == "trt" and reports[0].passed:
-            from fmkt.export.tensorrt_engine import EngineRunner, TensorRTUnavailable, build_engine, load_tensorrt
-
-            try:
-                load_tensorrt(out / "model.onnx")  # one sentence and exit 2 when TensorRT or a GPU is missing
-                info["tensorrt"] = build_engine(tmp / "model.onnx", tmp / "model.plan", tmp / "timing.cache",
-                                                tuple(images.shape[1:]), (lo, opt, hi), precision,
-                                                reuse_cache=out / "timing.cache")
+            report, engine_error = _write_engine(tmp, out, images, bounds, precision, export_meta, parity)
+            if report is not None:
                 files.update(engine="model.plan", timing_cache="timing.cache")
-                reports.append(check_parity(reference, EngineRunner(tmp / "model.plan"), images, batches, precision,
-                                      f"TensorRT {info['tensorrt']['tensorrt']}", data))
-            except TensorRTUnavailable as exc:
-                engine_error = exc
-                info["tensorrt"] = {"built": False, "reason": str(exc)}
+                reports.append(report)
         passed = all(r.passed for r in reports)
-        info["parity"] = {"passed": passed, "file": "parity.json", "targets": [r.target for r in reports]}
-        info["files"] = {**files, "metadata": "export.json", "parity": "parity.json"}
-        (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
-        parity = {"passed": passed, "reports": [r.to_dict() for r in reports]}
-        (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
-    return ExportResult(out=out, files=info["files"], meta=info, reports=reports, engine_error=engine_error)
-
+        export_meta["parity"] = {"passed": passed, "file": "parity.json", "targets": [r.target for r in reports]}
+        export_meta["files"] = {**files, "metadata": "export.json", "parity": "parity.json"}
+        (tmp / "export.json").write_text(json.dumps(export_meta, indent=2) + "\n")
+        parity_json = {"passed": passed, "reports": [r.to_dict() for r in reports]}
+        (tmp / "parity.json").write_text(json.dumps(parity_json, indent=2) + "\n")
+    return ExportResult(out=out, files=export_meta["files"], meta=export_meta, reports=reports,
+                        engine_error=engine_error)

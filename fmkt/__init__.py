@@ -20,7 +20,7 @@ _LAZY = {
     "Config": "fmkt.config",
     "build_config": "fmkt.config",
     "fit": "fmkt.engine",
-    "evaluate": "fmkt.engine",
+    "evaluate": "fmkt.evaluation",
     "load_artifact": "fmkt.artifact",
     "save_artifact": "fmkt.artifact",
     "load_dataset": "fmkt.data",
@@ -32,7 +32,7 @@ _LAZY = {
     "FMKT": "fmkt.api",
     "wrap_student": "fmkt.api",
     "export_artifact": "fmkt.api",
-    "ModuleAdapter": "fmkt.adapter",
+    "ModuleAdapter": "fmkt.models.adapter",
 }
 
 

@@ -12,26 +12,31 @@
     fmkt.export_artifact("runs/mine/artifact", steps=4)    # ONNX with K = 4 unrolled, parity checked
 
 The student becomes the one deployable module (``fm.model``, a DeployableModel) through a ModuleAdapter
-(``fmkt.wrap_student``; see fmkt/adapter.py for how the feature map and the head are found). The distiller is
+(``fmkt.wrap_student``; see fmkt/models/adapter.py for how the feature map and the head are found). The distiller is
 the CLI's own (``build_distiller``): the same method, losses and sampler.
 """
 from __future__ import annotations
 
-import hashlib
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fmkt.adapter import ModuleAdapter, is_zoo_backbone
-from fmkt.artifact import model_spec, save_artifact
+from fmkt.artifact import run_record, save_artifact
+from fmkt.commands import check_method_names
 from fmkt.config import Config, OptimConfig, apply_overrides, validate_method
-from fmkt.distillers import build_distiller, check_method
-from fmkt.engine import build_optimizer, count_correct, eval_keys, lr_factor, nonfinite_loss
+from fmkt.distillers import METHODS, build_distiller
+from fmkt.engine import NonFiniteLoss, epoch_record, nonfinite_loss, train_step
 from fmkt.errors import FmktError
-from fmkt.imports import import_path_of, well_formed
+from fmkt.evaluation import count_correct, eval_keys
+from fmkt.import_paths import import_path_of, well_formed
 from fmkt.models import list_models
-from fmkt.student import DeployableModel
+from fmkt.models.adapter import ModuleAdapter, is_zoo_backbone
+from fmkt.optim import build_optimizer, build_scheduler
+from fmkt.runtime import FP32
+from fmkt.student import DeployableModel, StudentSpec, build_student, spec_of
+from fmkt.teacher import teacher_sha256
 
 
 def _images(example) -> torch.Tensor:
@@ -45,9 +50,17 @@ def _images(example) -> torch.Tensor:
     return example[:8].float()
 
 
+def _stats(mean, std, channels: int) -> tuple[list, list]:
+    mean = [0.0] * channels if mean is None else list(mean)
+    std = [1.0] * channels if std is None else list(std)
+    if len(mean) != channels or len(std) != channels:
+        raise FmktError(f"mean and std need {channels} values, one per image channel.")
+    return mean, std
+
+
 def wrap_student(model: nn.Module, example, *, feature_layer: str | None = None, classifier: str | None = None,
                  check_head: bool = True) -> ModuleAdapter:
-    """Your model with the zoo interface, found on ``example`` (see :class:`fmkt.adapter.ModuleAdapter`).
+    """Your model with the zoo interface, found on ``example`` (see :class:`fmkt.models.adapter.ModuleAdapter`).
 
     ``adapter.options`` says which layer gives the feature map and which nn.Linear is the head;
     ``adapter.num_features`` / ``adapter.num_classes`` what the dry run found. Refused in one sentence
@@ -57,14 +70,6 @@ def wrap_student(model: nn.Module, example, *, feature_layer: str | None = None,
     device = next(iter(model.parameters()), images).device
     return ModuleAdapter(model, images.to(device), feature_layer=feature_layer, classifier=classifier,
                          check_head=check_head)
-
-
-def _state_sha256(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in module.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().float().numpy().tobytes() if v.is_floating_point() else v.cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 class FMKT(nn.Module):
@@ -94,41 +99,48 @@ class FMKT(nn.Module):
         cfg = apply_overrides(Config(), {"method": {"name": method, "loss": loss, "encoder": encoder,
                                                     "schedule": schedule, "train_steps": train_steps,
                                                     "transfer": transfer, **method_options}}).method
-        validate_method(cfg)
-        needs_teacher, flow, theta = check_method(method)
+        cfg = validate_method(cfg)
+        check_method_names(cfg)
         images = _images(example)
-        channels = images.shape[1]
-        mean = [0.0] * channels if mean is None else list(mean)
-        std = [1.0] * channels if std is None else list(std)
-        if len(mean) != channels or len(std) != channels:
-            raise FmktError(f"mean and std need {channels} values, one per image channel.")
+        mean, std = _stats(mean, std, images.shape[1])
         normed = (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
         self.arch = arch or import_path_of(type(student))
+        self.input_shape = tuple(images.shape[1:])
+        self.method = cfg
+        flow = METHODS[method].flow
         if is_zoo_backbone(student) and arch in list_models():
             backbone = student  # a zoo model named by arch="resnet8": no adapter needed
         else:
             backbone = wrap_student(student, normed, feature_layer=feature_layer, classifier=classifier,
                                     check_head=flow)
-        self.arch_kwargs = dict(arch_kwargs or {})
-        self.input_shape = tuple(images.shape[1:])
-        self.method = cfg
-        self.model = DeployableModel(backbone, mean, std, encoder=encoder if flow else None,
-                                     encoder_kwargs=cfg.encoder_params, schedule=schedule, theta_head=theta,
-                                     transfer=transfer if flow else "logits",
-                                     default_steps=cfg.train_step_choices()[-1])
+        spec = self._spec(self.arch, backbone, mean, std, arch_kwargs=dict(arch_kwargs or {}),
+                          encoder=encoder if flow else None, encoder_params=cfg.encoder_params, schedule=schedule,
+                          transfer=transfer if flow else "logits", theta_head=METHODS[method].theta,
+                          default_steps=cfg.train_step_choices()[-1])
+        self.model = build_student(spec, backbone=backbone)
         teacher_model, self.teacher_info = None, None
-        if needs_teacher:
-            if teacher is None:
-                raise FmktError(f"method {method!r} needs a teacher; pass teacher=your_model (or method='ofmkt').")
-            wrapped = wrap_student(teacher, normed, feature_layer=teacher_feature_layer, check_head=False)
-            teacher_model = DeployableModel(wrapped, mean, std)
-            if teacher_model.num_classes != self.model.num_classes:
-                raise FmktError(f"the teacher gives {teacher_model.num_classes} logits but the student "
-                                f"{self.model.num_classes}; both must predict the same classes.")
-            self.teacher_info = {"arch": import_path_of(type(teacher)), "sha256": _state_sha256(teacher),
-                                 "source": "python (fmkt.FMKT)", "accuracy": None}
+        if METHODS[method].needs_teacher:
+            teacher_model = self._teacher(teacher, normed, mean, std, teacher_feature_layer, method)
         self.distiller = build_distiller(cfg, self.model, teacher_model, input_shape=self.input_shape)
         self.metrics: dict = {}
+
+    def _spec(self, arch: str, backbone: nn.Module, mean, std, **fields) -> StudentSpec:
+        classes = getattr(backbone, "num_classes", None) or backbone.get_classifier().out_features
+        return StudentSpec(arch=arch, num_classes=classes, channels=self.input_shape[0], size=self.input_shape[1:],
+                           mean=tuple(mean), std=tuple(std), **fields)
+
+    def _teacher(self, teacher, normed, mean, std, feature_layer, method) -> DeployableModel:
+        """The frozen teacher as a plain deployable model, and fmkt.json's record of it."""
+        if teacher is None:
+            raise FmktError(f"method {method!r} needs a teacher; pass teacher=your_model (or method='ofmkt').")
+        wrapped = wrap_student(teacher, normed, feature_layer=feature_layer, check_head=False)
+        model = build_student(self._spec(import_path_of(type(teacher)), wrapped, mean, std), backbone=wrapped)
+        if model.num_classes != self.model.num_classes:
+            raise FmktError(f"the teacher gives {model.num_classes} logits but the student "
+                            f"{self.model.num_classes}; both must predict the same classes.")
+        self.teacher_info = {"arch": import_path_of(type(teacher)), "sha256": teacher_sha256(module=teacher),
+                             "source": "python (fmkt.FMKT)", "accuracy": None}
+        return model
 
     # -- training ------------------------------------------------------------------------------------------
     def loss(self, images: torch.Tensor, labels: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
@@ -142,41 +154,40 @@ class FMKT(nn.Module):
         return self.loss(images, labels, progress)
 
     def parameters(self, recurse: bool = True):
-        """What the optimiser must update: the student, meta-encoder, time embedding (and adapters); never the
-        teacher."""
+        """What the optimiser must update: the student, meta-encoder, time embedding (and what the method adds);
+        never the teacher."""
         return (p for p in super().parameters(recurse) if p.requires_grad)
 
     def fit(self, loader, epochs: int = 10, *, lr: float = 0.05, optimizer: str = "sgd", weight_decay: float = 5e-4,
             test_loader=None, eval_steps=None, log=print) -> list[dict]:
-        """fmkt's training recipe on your DataLoader: SGD (Nesterov 0.9) or AdamW, cosine LR per step; evaluates on
-        ``test_loader`` after each epoch when given. Returns one record per epoch."""
+        """fmkt's training recipe on your DataLoader: SGD (Nesterov 0.9) or AdamW, cosine LR per step, the engine's
+        own ``train_step``; evaluates on ``test_loader`` after each epoch when given. Returns one record per epoch
+        (metrics.jsonl's keys; ``top1`` as :meth:`evaluate` returns it)."""
         cfg = Config(optim=OptimConfig(name=optimizer, lr=lr, weight_decay=weight_decay))
         cfg.train.epochs = epochs
         opt = build_optimizer(cfg, self.parameters())
         iters = max(len(loader), 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(cfg, it / iters))
-        device = self.device
+        sched = build_scheduler(cfg, opt, iters)
         history = []
         for epoch in range(epochs):
             self.train()
-            total, seen = 0.0, 0
+            sums, seen, t0 = {}, 0, time.perf_counter()
             for step, (images, labels, *_) in enumerate(loader):
-                images, labels = images.to(device), labels.to(device)
-                loss = self.loss(images, labels, epoch + step / iters)
-                if not torch.isfinite(loss):
-                    raise nonfinite_loss(loss.item(), epoch, step, updated=bool(epoch or step))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(labels)
+                images, labels = images.to(self.device), labels.to(self.device)
+                try:
+                    losses = train_step(self.distiller, opt, sched, images, labels, epoch + step / iters)
+                except NonFiniteLoss as exc:
+                    raise nonfinite_loss(exc.value, epoch, step, updated=bool(epoch or step)) from None
+                self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
+                for k, v in self.last_losses.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(labels)
                 seen += len(labels)
-            record = {"epoch": epoch + 1, "loss": total / max(seen, 1)}
+            record = epoch_record(epoch, opt.param_groups[0]["lr"], sums, seen, time.perf_counter() - t0)
             if test_loader is not None:
                 record["top1"] = self.evaluate(test_loader, eval_steps)
             history.append(record)
             if log:
-                log(f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}"
+                log(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}"
                     + (f"  top-1 {record['top1']}" if "top1" in record else ""))
         return history
 
@@ -209,19 +220,10 @@ class FMKT(nn.Module):
         if ":" in arch and not well_formed(arch):
             raise FmktError(f"the student's class {arch!r} cannot be imported back (defined inside a function?); "
                             "pass arch='pkg.module:factory' to fmkt.FMKT.")
-        flow = self.model.is_flow
-        spec = model_spec(self.model, arch, self.input_shape[0], self.input_shape[1:],
-                          self.method.encoder if flow else None, self.method.encoder_params, self.arch_kwargs)
-        m = self.method
-        return save_artifact(path, self.model, spec, {
-            "method": m.name,
-            "loss": m.loss if m.name in ("fmkt", "theta", "ofmkt") else m.name,
-            "train_steps": m.train_step_choices(),
-            "dataset": {"name": dataset, "num_classes": self.model.num_classes, "class_names": None},
-            "metrics": {"last": dict(self.metrics), "best": dict(self.metrics)},
-            "teacher": self.teacher_info,
-            "source": "python API (fmkt.FMKT)",
-        })
+        record = run_record(self.method, teacher=self.teacher_info, source="python API (fmkt.FMKT)",
+                            dataset={"name": dataset, "num_classes": self.model.num_classes, "class_names": None},
+                            metrics={"last": dict(self.metrics), "best": dict(self.metrics), "precision": FP32})
+        return save_artifact(path, self.model, spec_of(self.model).to_json(), record)
 
 
 def export_artifact(artifact: str | Path, steps: int, fmt: str = "onnx", *, check: bool = True, **options):

@@ -6,19 +6,21 @@ dataset, fmkt version, sha256 of the weights (verified on load) and of the teach
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+from torch import nn
 
 from fmkt import __version__
 from fmkt.errors import FmktError
-from fmkt.io import atomic_dir, sha256_file
-from fmkt.adapter import ModuleAdapter, create_backbone
-from fmkt.student import DeployableModel
+from fmkt.files import atomic_dir, sha256_file
+from fmkt.models.adapter import ModuleAdapter
+from fmkt.student import DeployableModel, StudentSpec, build_student
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -27,66 +29,63 @@ META = "fmkt.json"
 
 def model_spec(model: DeployableModel, arch: str, in_channels: int, input_size, encoder_name: str | None,
                encoder_params: dict | None = None, arch_kwargs: dict | None = None) -> dict:
-    """The architecture part of fmkt.json: enough to rebuild ``model`` with ``build_model``.
-
-    ``arch`` is a zoo name or an import path ``pkg.module:factory``; for the latter, ``adapter`` records where the
-    feature map and the head were found (see fmkt.adapter), and the module must be importable where it is loaded.
-    """
-    adapter = model.backbone.options if isinstance(model.backbone, ModuleAdapter) else None
-    return {
-        "arch": arch,
-        "arch_kwargs": dict(arch_kwargs or {}),
-        **({"adapter": adapter} if adapter is not None else {}),
-        "num_classes": model.num_classes,
-        "num_features": model.num_features,
-        "encoder": encoder_name if model.is_flow else None,
-        "encoder_params": dict(encoder_params or {}),
-        "schedule": model.schedule_name,
-        "transfer": model.transfer,
-        "theta_head": model.theta_head is not None,
-        "default_steps": model.default_steps,  # K when model(x) is called without steps
-        "input": {
-            "channels": in_channels,
-            "size": list(input_size),
-            "range": [0.0, 1.0],
-            "mean": model.normalize.mean.flatten().tolist(),
-            "std": model.normalize.std.flatten().tolist(),
-            "normalisation": "inside the model: pass raw images in [0, 1]",
-        },
-    }
+    """fmkt.json's ``"model"`` for a DeployableModel constructed by hand (not by ``build_student``, whose models
+    describe themselves: ``spec_of(model).to_json()``); the facts a model cannot know (its architecture name and
+    input size) are given here."""
+    mean, std = model.normalize.mean.flatten().tolist(), model.normalize.std.flatten().tolist()
+    spec = StudentSpec(arch=arch, num_classes=model.num_classes, channels=in_channels, size=tuple(input_size),
+                       mean=tuple(mean), std=tuple(std), arch_kwargs=dict(arch_kwargs or {}),
+                       encoder=encoder_name if model.is_flow else None, encoder_params=dict(encoder_params or {}),
+                       schedule=model.schedule_name, transfer=model.transfer, theta_head=model.theta_head is not None,
+                       default_steps=model.default_steps, num_features=model.num_features)
+    spec.adapter = model.backbone.options if isinstance(model.backbone, ModuleAdapter) else None
+    return spec.to_json()
 
 
 def build_model(spec: dict, default_steps: int = 1) -> DeployableModel:
-    """The model ``spec`` describes; ``default_steps`` is used only when the spec predates its own key."""
-    backbone = create_backbone(spec["arch"], num_classes=spec["num_classes"], in_channels=spec["input"]["channels"],
-                               input_size=spec["input"]["size"], options=spec.get("adapter"),
-                               check_head=spec.get("encoder") is not None, **spec.get("arch_kwargs", {}))
-    return DeployableModel(
-        backbone, spec["input"]["mean"], spec["input"]["std"],
-        encoder=spec.get("encoder"), encoder_kwargs=spec.get("encoder_params") or {},
-        schedule=spec.get("schedule", "rectified"), theta_head=spec.get("theta_head", False),
-        transfer=spec.get("transfer", "logits"), default_steps=int(spec.get("default_steps", default_steps)),
-    )
+    """The model fmkt.json's ``"model"`` describes; ``default_steps`` only for files that predate its key."""
+    return build_student(StudentSpec.from_json(spec, default_steps))
 
 
-def save_artifact(path: str | Path, model: DeployableModel, spec: dict, info: dict) -> Path:
-    """Write the artifact folder atomically; ``info`` adds method, metrics, dataset, teacher sha256, ...
+def weights_bytes(model: nn.Module) -> bytes:
+    """The state dict as the safetensors bytes an artifact holds (deterministic: one metadata key, since
+    safetensors writes its metadata map in hash order; the fmkt version is in fmkt.json)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return save(state, metadata={"format": "pt"})
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of ``weights_bytes(model)``: an artifact's ``weights_sha256``, and the teacher hash of a teacher that
+    was never a file (the Python API)."""
+    return hashlib.sha256(weights_bytes(model)).hexdigest()
+
+
+def run_record(method, *, dataset: dict, metrics: dict, teacher: dict | None, **extra) -> dict:
+    """What fmkt.json says about the run besides the model: method, loss, training steps, dataset, metrics per K,
+    teacher; ``method`` is the config's MethodConfig. The one writer of these keys (engine and Python API)."""
+    from fmkt.distillers import METHODS
+
+    flow = METHODS[method.name].flow
+    return {"method": method.name, "loss": method.loss if flow else method.name,
+            "train_steps": method.train_step_choices(), "dataset": dataset, "metrics": metrics, "teacher": teacher,
+            **extra}
+
+
+def save_artifact(path: str | Path, model: DeployableModel, spec: dict, record: dict) -> Path:
+    """Write the artifact folder atomically; ``spec``: fmkt.json's "model"; ``record``: the rest (``run_record``).
 
     Returns the folder path. The weights' sha256 is recorded so a tampered file is refused on load.
     """
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(path) as tmp:
-        # one metadata key: safetensors writes its metadata map in hash order, so two keys would make the bytes
-        # (and the sha256) of identical weights differ from run to run; the fmkt version is in fmkt.json
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / WEIGHTS).write_bytes(weights_bytes(model))
         meta = {
             "format": "fmkt-artifact",
             "format_version": FORMAT_VERSION,
             "fmkt_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": spec,
-            **info,
+            **record,
             "weights_sha256": sha256_file(tmp / WEIGHTS),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
@@ -123,7 +122,7 @@ def load_artifact(path: str | Path, *, map_location: str | torch.device = "cpu")
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError) as exc:
         raise FmktError(f"cannot read {weights} ({exc}).") from None
-    # artifacts written before fmkt.json recorded default_steps: the largest training N, as the engine set it
+    # artifacts written before fmkt.json recorded default_steps: the last training N, as the engine set it
     model = build_model(meta["model"], default_steps=(meta.get("train_steps") or [1])[-1])
     try:
         model.load_state_dict(state, strict=True)

@@ -4,6 +4,7 @@ Unknown keys are rejected with the valid ones named. The CLI options are shortcu
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from fmkt.errors import FmktError
 
 @dataclass
 class DataConfig:
-    name: str = "digits"
+    name: str = "digits"  # a dataset of fmkt.data's registry, or pkg.module:factory
     dir: str | None = None  # dataset folder (default per dataset)
     batch_size: int = 64
     eval_batch_size: int = 256
@@ -30,7 +31,7 @@ class DataConfig:
 class TeacherConfig:
     path: str | None = None  # our artifact folder, or a .pt/.pth/.safetensors state dict
     arch: str = "wrn_16_2"  # architecture (zoo name or pkg.module:factory) of a state-dict file / the default teacher
-    options: dict = field(default_factory=dict)  # import-path teacher: feature_layer, classifier (see fmkt.adapter)
+    options: dict = field(default_factory=dict)  # import-path teacher: feature_layer, classifier (see fmkt.models.adapter)
     key_map: dict = field(default_factory=dict)  # prefix renames {old: new} applied to a state-dict file's keys
     epochs: int = 15  # when distill trains the default teacher itself
     lr: float = 0.05
@@ -38,17 +39,17 @@ class TeacherConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "fmkt"  # none | kd | dkd | dist | fmkt | theta | ofmkt
-    loss: str = "dist"  # metric loss D of the FM-KT family: kd | dkd | dist | pkd | mse
+    name: str = "fmkt"  # a method of fmkt.distillers.METHODS (`fmkt-cli info --models` lists every registry)
+    loss: str = "dist"  # the FM-KT family's metric loss D, from fmkt.losses.LOSSES
     loss_params: dict = field(default_factory=dict)  # e.g. {temperature: 4.0} for kd
     loss_weight: float = 1.0  # w
     ce_weight: float = 1.0
     label_smoothing: float = 0.0
     online_label_smoothing: float = 0.1  # OFM-KT's per-step CE
-    encoder: str = "conv"  # conv | mlp | transformer
+    encoder: str = "conv"  # fmkt.flow.encoders.ENCODERS
     encoder_params: dict = field(default_factory=dict)
-    schedule: str = "rectified"  # rectified | vp | ve
-    transfer: str = "logits"  # logits | features (PKD velocity regression on the last feature map)
+    schedule: str = "rectified"  # fmkt.flow.schedules.SCHEDULES
+    transfer: str = "logits"  # logits | features (PKD velocity regression on the last map; methods that allow it)
     train_steps: str = "8"  # N, or a comma list drawn per iteration ("1,2,4,8,16")
     eval_steps: list = field(default_factory=lambda: [1, 2, 4, 8])
     dirac_ratio: float = 1.0
@@ -61,12 +62,12 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd (Nesterov momentum) | adamw
+    name: str = "sgd"  # fmkt.optim.OPTIMIZERS: sgd (Nesterov momentum) | adamw
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    scheduler: str = "cosine"  # cosine | multistep
+    scheduler: str = "cosine"  # fmkt.optim.LR_SCHEDULES: cosine | multistep
     milestones: list = field(default_factory=list)  # epochs, for multistep
     gamma: float = 0.1
     warmup_epochs: float = 0.0
@@ -81,7 +82,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     checkpoint_every_steps: int = 0  # 0: a checkpoint at the end of every epoch only
     threads: int = 0  # torch CPU threads; 0 = torch's default
-    kernel: str = "auto"  # flow-step kernels: auto (Triton on CUDA, else torch) | triton | torch
+    kernel: str = "auto"  # flow-step kernels, fmkt.kernels.KERNEL_MODES: auto | triton | torch
 
 
 @dataclass
@@ -228,89 +229,40 @@ def read_config_file(path: str) -> dict:
 
 
 def build_config(config_file: str | None = None, overrides: list[dict] | None = None, base: Config | None = None) -> Config:
-    """Defaults <- config file <- each override dict in order (CLI shortcuts, then --set)."""
-    cfg = base or Config()
+    """Defaults (or a copy of ``base``) <- config file <- each override dict in order (CLI shortcuts, then --set),
+    with types and ranges checked. Names (methods, losses, models, datasets, ...) are checked against their
+    registries by ``fmkt.commands.check_config``, which every command runs first."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
     if config_file:
         apply_overrides(cfg, read_config_file(config_file))
     for data in overrides or []:
         apply_overrides(cfg, data)
-    validate(cfg)
-    return cfg
+    return validate(cfg)
 
 
-def validate(cfg: Config) -> None:
-    """Check every name and range up front, before anything is trained."""
-    from fmkt.adapter import ADAPTER_OPTIONS
-    from fmkt.data import dataset_info
-    from fmkt.distillers import check_method
-    from fmkt.imports import is_import_path, resolve
-    from fmkt.models import list_models
-
-    check_method(cfg.method.name)
-    models = list_models()
-    for value, key in [(cfg.student, "student"), (cfg.teacher.arch, "teacher.arch")]:
-        if is_import_path(value):
-            resolve(value, f"model factory ({key})")
-        elif value not in models:
-            raise FmktError(f"unknown model {value!r} ({key}); choose one of {', '.join(models)} or give an "
-                            "import path pkg.module:factory.")
-    for options, key in [(cfg.student_options, "student_options"), (cfg.teacher.options, "teacher.options")]:
-        bad = sorted(set(options) - set(ADAPTER_OPTIONS))
-        if bad:
-            raise FmktError(f"unknown config key '{key}.{bad[0]}'; valid keys here: {', '.join(ADAPTER_OPTIONS)}.")
-    info = dataset_info(cfg.data.name, cfg.data.dir)
-    for arch, options in [(cfg.student, cfg.student_options), (cfg.teacher.arch, cfg.teacher.options)]:
-        if is_import_path(arch):  # the factory runs and its model takes one dry-run batch, before any work
-            from fmkt.adapter import create_backbone
-
-            create_backbone(arch, num_classes=info.num_classes, in_channels=info.in_channels,
-                            input_size=info.image_size, options=options, check_head=False)
-    validate_method(cfg.method)
-    _check_names([
-        (cfg.optim.name, ("sgd", "adamw"), "optim.name"),
-        (cfg.optim.scheduler, ("cosine", "multistep"), "optim.scheduler"),
-        (cfg.train.kernel, ("auto", "triton", "torch"), "train.kernel"),
-    ])
+def validate(cfg: Config) -> Config:
+    """Types and ranges, before anything is trained; returns ``cfg`` with its method section normalised."""
+    cfg.method = validate_method(cfg.method)
     for value, key in [(cfg.train.epochs, "train.epochs"), (cfg.data.batch_size, "data.batch_size"),
                        (cfg.data.eval_batch_size, "data.eval_batch_size"), (cfg.train.eval_every, "train.eval_every")]:
         if value < 1:
             raise FmktError(f"{key} must be >= 1, got {value}.")
     if cfg.optim.lr <= 0:
         raise FmktError(f"optim.lr must be > 0, got {cfg.optim.lr}.")
+    return cfg
 
 
-def validate_method(m: MethodConfig) -> None:
-    """The method section alone (the Python API builds one without a whole Config)."""
-    from fmkt.distillers import check_method
-
-    check_method(m.name)
+def validate_method(m: MethodConfig) -> MethodConfig:
+    """The method section's types and ranges alone (the Python API builds one without a whole Config); returns a
+    copy with ``eval_steps`` as integers, leaving ``m`` as it was."""
     m.train_step_choices()
-    m.eval_steps = parse_int_list(m.eval_steps, "method.eval_steps", minimum=0)
+    eval_steps = parse_int_list(m.eval_steps, "method.eval_steps", minimum=0)
     if not 0.0 <= m.dirac_ratio <= 1.0:
         raise FmktError(f"method.dirac_ratio must be in [0, 1], got {m.dirac_ratio}.")
-    _check_names([
-        (m.encoder, ("conv", "mlp", "transformer"), "method.encoder"),
-        (m.schedule, ("rectified", "vp", "ve"), "method.schedule"),
-        (m.loss, ("kd", "dkd", "dist", "pkd", "mse"), "method.loss"),
-        (m.transfer, ("logits", "features"), "method.transfer"),
-    ])
-    if m.transfer == "features" and m.name != "fmkt":
-        raise FmktError(f"method.transfer=features works with method fmkt only (method {m.name!r} distills "
-                        "logits: theta's head and OFM-KT's ensemble target are logits); use method.transfer=logits "
-                        "or --method fmkt.")
-
-
-def _check_names(checks) -> None:
-    for value, allowed, key in checks:
-        if value not in allowed:
-            raise FmktError(f"unknown {key.split('.')[-1]} {value!r} ({key}); choose one of {', '.join(allowed)}.")
+    return dataclasses.replace(m, eval_steps=eval_steps)
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from fmkt.io import atomic_write_text
+    from fmkt.files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def config_from_dict(data: dict) -> Config:
-    return apply_overrides(Config(), data)

@@ -3,7 +3,7 @@
 Shapes: ``B`` batch, ``K`` classes, ``C`` channels. Logit losses take (B, K) tensors; feature
 losses take (B, C) or (B, C, H, W) tensors of equal shape. Every loss returns a 0-dim tensor.
 
-:func:`build_metric_loss` turns a name from :data:`METRIC_LOSSES` plus parameters into a callable
+:func:`build_metric_loss` turns a name from :data:`LOSSES` plus parameters into a callable
 ``fn(student, teacher, target=None, warmup_factor=1.0)`` so the engine can treat them alike.
 """
 
@@ -24,6 +24,8 @@ __all__ = [
     "dist_loss",
     "pkd_loss",
     "mse_loss",
+    "LOSSES",
+    "LossEntry",
     "METRIC_LOSSES",
     "DEFAULT_LOSS_PARAMS",
     "MetricLoss",
@@ -161,16 +163,27 @@ def mse_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(s, t)
 
 
-METRIC_LOSSES: tuple[str, ...] = ("kd", "dkd", "dist", "pkd", "mse")
+@dataclass(frozen=True)
+class LossEntry:
+    """A registered metric loss: ``fn(s, t, **params)`` (or ``fn(s, t, target, warmup_factor=, **params)`` when
+    ``uses_target``) and its default parameters, which are also the only parameters it accepts."""
 
-#: Default parameters of each metric loss; :func:`build_metric_loss` accepts exactly these keys.
-DEFAULT_LOSS_PARAMS: dict[str, dict[str, float]] = {
-    "kd": {"temperature": 4.0},
-    "dkd": {"alpha": 1.0, "beta": 2.0, "temperature": 4.0},
-    "dist": {"beta": 2.0, "gamma": 2.0, "tau": 1.0},
-    "pkd": {},
-    "mse": {},
+    fn: Callable[..., torch.Tensor]
+    defaults: dict
+    uses_target: bool = False  # needs the labels and DKD's warm-up factor
+
+
+#: The one list of metric losses D (FM-KT's and the baselines'); every entry is trained by
+#: tests/test_registries.py under every method.
+LOSSES: dict[str, LossEntry] = {
+    "kd": LossEntry(kd_loss, {"temperature": 4.0}),
+    "dkd": LossEntry(dkd_loss, {"alpha": 1.0, "beta": 2.0, "temperature": 4.0}, uses_target=True),
+    "dist": LossEntry(dist_loss, {"beta": 2.0, "gamma": 2.0, "tau": 1.0}),
+    "pkd": LossEntry(pkd_loss, {}),
+    "mse": LossEntry(mse_loss, {}),
 }
+METRIC_LOSSES: tuple[str, ...] = tuple(LOSSES)  # views of LOSSES, for readers that want only the names ...
+DEFAULT_LOSS_PARAMS: dict[str, dict[str, float]] = {k: dict(v.defaults) for k, v in LOSSES.items()}  # ... or defaults
 
 _POSITIVE = ("temperature", "tau")
 
@@ -193,30 +206,24 @@ class MetricLoss:
         target: torch.Tensor | None = None,
         warmup_factor: float = 1.0,
     ) -> torch.Tensor:
-        p = self.params
-        if self.name == "kd":
-            return kd_loss(s, t, **p)
-        if self.name == "dkd":
-            if target is None:
-                raise FmktError("The dkd loss needs the target labels: pass target=labels.")
-            return dkd_loss(s, t, target, warmup_factor=warmup_factor, **p)
-        if self.name == "dist":
-            return dist_loss(s, t, **p)
-        if self.name == "pkd":
-            return pkd_loss(s, t)
-        return mse_loss(s, t)
+        entry = LOSSES[self.name]
+        if not entry.uses_target:
+            return entry.fn(s, t, **self.params)
+        if target is None:
+            raise FmktError(f"The {self.name} loss needs the target labels: pass target=labels.")
+        return entry.fn(s, t, target, warmup_factor=warmup_factor, **self.params)
 
 
 def build_metric_loss(name: str, **params: Any) -> Callable[..., torch.Tensor]:
-    """A :class:`MetricLoss` for ``name`` with :data:`DEFAULT_LOSS_PARAMS` overridden by ``params``.
+    """A :class:`MetricLoss` for ``name`` with its :data:`LOSSES` defaults overridden by ``params``.
 
     Raises :class:`FmktError` for an unknown name, an unknown parameter, a non-numeric value, or a
     non-positive temperature/tau.
     """
     key = str(name).strip().lower()
-    if key not in DEFAULT_LOSS_PARAMS:
-        raise FmktError(f"Unknown metric loss {name!r}: expected one of {', '.join(METRIC_LOSSES)}.")
-    defaults = DEFAULT_LOSS_PARAMS[key]
+    if key not in LOSSES:
+        raise FmktError(f"Unknown metric loss {name!r}: expected one of {', '.join(LOSSES)}.")
+    defaults = LOSSES[key].defaults
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         valid = ", ".join(defaults) if defaults else "none"

@@ -6,8 +6,15 @@
   (S = global pool + the backbone's classifier, which is linear, so one head call covers the whole ensemble);
 - K = 0: the FM-KT^Theta head on Z1 (only when trained with ``theta``).
 The engine trains it inside a distiller, the artifact stores it, export wraps it with K fixed, bench times it.
+
+:class:`StudentSpec` describes one (fmkt.json's ``"model"``); :func:`build_student` is the one way the code makes a
+DeployableModel (from a spec, for students, teachers, artifacts and the Python API alike) and :func:`spec_of` reads
+the spec back, so what is saved is what is rebuilt.
 """
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -136,3 +143,81 @@ class FixedStepsModel(nn.Module):
 
     def forward(self, x):
         return self.model(x, self.steps)
+
+
+NORMALISATION_NOTE = "inside the model: pass raw images in [0, 1]"
+
+
+@dataclass
+class StudentSpec:
+    """Everything that rebuilds a deployable model; ``to_json()`` is fmkt.json's ``"model"``.
+
+    ``arch``: a zoo name or an import path ``pkg.module:factory`` (called with ``num_classes``/``in_channels`` when
+    it takes them, plus ``arch_kwargs``); ``adapter``: where an import-path model's feature map and head were found
+    (fmkt.models.adapter). ``encoder`` None = a plain model (teachers, baselines): no flow, its own head.
+    """
+
+    arch: str
+    num_classes: int
+    channels: int
+    size: tuple
+    mean: tuple
+    std: tuple
+    arch_kwargs: dict = field(default_factory=dict)
+    adapter: dict | None = None
+    encoder: str | None = None
+    encoder_params: dict = field(default_factory=dict)
+    schedule: str = "rectified"
+    transfer: str = "logits"
+    theta_head: bool = False
+    default_steps: int = 1
+    num_features: int | None = None  # recorded for readers of fmkt.json; derived from the backbone
+
+    def to_json(self) -> dict:
+        return {
+            "arch": self.arch, "arch_kwargs": dict(self.arch_kwargs),
+            **({"adapter": dict(self.adapter)} if self.adapter is not None else {}),
+            "num_classes": self.num_classes, "num_features": self.num_features,
+            "encoder": self.encoder, "encoder_params": dict(self.encoder_params), "schedule": self.schedule,
+            "transfer": self.transfer, "theta_head": self.theta_head,
+            "default_steps": self.default_steps,  # K when model(x) is called without steps
+            "input": {"channels": self.channels, "size": list(self.size), "range": [0.0, 1.0],
+                      "mean": list(self.mean), "std": list(self.std), "normalisation": NORMALISATION_NOTE},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, default_steps: int = 1) -> "StudentSpec":
+        """``default_steps`` is used only when ``d`` predates its own key (older fmkt.json files)."""
+        inp = d["input"]
+        return cls(arch=d["arch"], num_classes=d["num_classes"], channels=inp["channels"], size=tuple(inp["size"]),
+                   mean=tuple(inp["mean"]), std=tuple(inp["std"]), arch_kwargs=dict(d.get("arch_kwargs") or {}),
+                   adapter=d.get("adapter"), encoder=d.get("encoder"),
+                   encoder_params=dict(d.get("encoder_params") or {}), schedule=d.get("schedule", "rectified"),
+                   transfer=d.get("transfer", "logits"), theta_head=bool(d.get("theta_head", False)),
+                   default_steps=int(d.get("default_steps", default_steps)), num_features=d.get("num_features"))
+
+
+def build_student(spec: StudentSpec, backbone: nn.Module | None = None) -> DeployableModel:
+    """The DeployableModel ``spec`` describes. ``backbone``: an already built one (the Python API wraps the
+    user's own module instance); else it is created from ``spec.arch`` (fmkt.models.adapter.create_backbone)."""
+    if backbone is None:
+        from fmkt.models.adapter import create_backbone
+
+        backbone = create_backbone(spec.arch, num_classes=spec.num_classes, in_channels=spec.channels,
+                                   input_size=spec.size, options=spec.adapter, check_head=spec.encoder is not None,
+                                   **spec.arch_kwargs)
+    model = DeployableModel(backbone, spec.mean, spec.std, encoder=spec.encoder, encoder_kwargs=spec.encoder_params,
+                            schedule=spec.schedule, theta_head=spec.theta_head, transfer=spec.transfer,
+                            default_steps=spec.default_steps)
+    model.spec = dataclasses.replace(spec, num_features=model.num_features)
+    return model
+
+
+def spec_of(model: DeployableModel) -> StudentSpec:
+    """The spec that rebuilds ``model`` as it is now (its default_steps and the adapter's findings included)."""
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        raise ValueError("this model was not made by build_student; describe it with fmkt.artifact.model_spec")
+    options = getattr(model.backbone, "options", None)  # a ModuleAdapter records where it found map and head
+    return dataclasses.replace(spec, default_steps=model.default_steps, num_features=model.num_features,
+                               adapter=options if options is not None else spec.adapter)

@@ -14,11 +14,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fmkt.artifact import is_artifact, load_artifact
+from torch import nn
+
+from fmkt.artifact import WEIGHTS, is_artifact, load_artifact, weights_sha256
 from fmkt.errors import FmktError
-from fmkt.io import sha256_file
-from fmkt.adapter import create_backbone, unwrap
-from fmkt.student import DeployableModel
+from fmkt.files import sha256_file
+from fmkt.models.adapter import unwrap
+from fmkt.student import DeployableModel, StudentSpec, build_student
 
 
 def read_state_dict(path: Path, key_map: dict | None = None) -> dict:
@@ -63,10 +65,21 @@ def map_keys(state: dict, key_map: dict) -> dict:
     return out
 
 
+def teacher_sha256(path: str | Path | None = None, module: nn.Module | None = None) -> str:
+    """The one definition of a teacher's sha256: that of the file its weights came from (a teacher artifact's
+    ``model.safetensors``, a .pt/.pth or .safetensors file); for a teacher that was never a file (the Python API's
+    module) that of the bytes an artifact would hold for it (``fmkt.artifact.weights_sha256``), so the same teacher
+    saved as an artifact later hashes the same."""
+    if path is not None:
+        path = Path(path)
+        return sha256_file(path / WEIGHTS if path.is_dir() else path)
+    return weights_sha256(module)
+
+
 def load_teacher(path: str | Path, *, arch: str, num_classes: int, in_channels: int, mean, std,
                  device="cpu", input_size=(32, 32), options: dict | None = None,
                  key_map: dict | None = None) -> tuple[DeployableModel, dict]:
-    """Returns (frozen teacher in eval mode, {"sha256", "arch", "source", "accuracy"?}).
+    """Returns (frozen teacher in eval mode, fmkt.json's teacher record {"sha256", "arch", "source", "accuracy"}).
 
     ``input_size`` (H, W) sizes the dry run of an import-path ``arch``; ``options`` its feature_layer/classifier.
     """
@@ -74,27 +87,13 @@ def load_teacher(path: str | Path, *, arch: str, num_classes: int, in_channels: 
     if not path.exists():
         raise FmktError(f"teacher {path} does not exist.")
     if path.is_dir():
-        if not is_artifact(path):
-            raise FmktError(f"teacher folder {path} is not an fmkt artifact (no fmkt.json); pass the artifact "
-                            "folder or a .pt/.pth/.safetensors weights file.")
-        model, meta = load_artifact(path)
-        channels = meta["model"]["input"]["channels"]
-        if channels != in_channels:
-            raise FmktError(f"teacher {path} takes {channels}-channel images but the data has {in_channels} channels.")
-        info = {"sha256": meta["weights_sha256"], "arch": meta["model"]["arch"], "source": str(path),
-                "accuracy": (meta.get("metrics") or {}).get("last", {}).get("1")}
+        model, record = _teacher_artifact(path, in_channels)
     else:
-        state = read_state_dict(path, key_map)
-        backbone = create_backbone(arch, num_classes=num_classes, in_channels=in_channels, input_size=input_size,
-                                   options=options, check_head=False)
-        try:
-            unwrap(backbone).load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise FmktError(f"teacher weights {path} do not fit {arch} with {num_classes} classes and "
-                            f"{in_channels} input channels ({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}); "
-                            "check --teacher-arch and the dataset.") from None
-        model = DeployableModel(backbone, mean, std)
-        info = {"sha256": sha256_file(path), "arch": arch, "source": str(path), "accuracy": None}
+        spec = StudentSpec(arch=arch, num_classes=num_classes, channels=in_channels, size=tuple(input_size),
+                           mean=tuple(mean), std=tuple(std), adapter=options or None)
+        model = build_student(spec)
+        _load_weights(model, read_state_dict(path, key_map), path, arch, num_classes, in_channels)
+        record = {"sha256": teacher_sha256(path), "arch": arch, "source": str(path), "accuracy": None}
     bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()),
                None)
     if bad is not None:  # a diverged teacher would only surface later as a NaN loss
@@ -105,4 +104,28 @@ def load_teacher(path: str | Path, *, arch: str, num_classes: int, in_channels: 
     if model.is_flow:
         raise FmktError(f"teacher {path} is an FM-KT student artifact; pass a plain (trained with `train`) teacher.")
     model.eval().requires_grad_(False)
-    return model.to(device), info
+    return model.to(device), record
+
+
+def _teacher_artifact(path: Path, in_channels: int) -> tuple[DeployableModel, dict]:
+    if not is_artifact(path):
+        raise FmktError(f"teacher folder {path} is not an fmkt artifact (no fmkt.json); pass the artifact "
+                        "folder or a .pt/.pth/.safetensors weights file.")
+    model, meta = load_artifact(path)
+    channels = meta["model"]["input"]["channels"]
+    if channels != in_channels:
+        raise FmktError(f"teacher {path} takes {channels}-channel images but the data has {in_channels} channels.")
+    return model, {"sha256": teacher_sha256(path), "arch": meta["model"]["arch"], "source": str(path),
+                   "accuracy": (meta.get("metrics") or {}).get("last", {}).get("1")}
+
+
+def _load_weights(model: DeployableModel, state: dict, path: Path, arch: str, num_classes: int,
+                  in_channels: int) -> None:
+    """Strict load into the backbone (for an import-path model: the user's module, with its own key names)."""
+    try:
+        unwrap(model.backbone).load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        raise FmktError(f"teacher weights {path} do not fit {arch} with {num_classes} classes and "
+                        f"{in_channels} input channels ({lines[1].strip() if len(lines) > 1 else exc}); "
+                        "check --teacher-arch and the dataset.") from None

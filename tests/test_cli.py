@@ -129,7 +129,7 @@ def test_nonfinite_loss_names_the_cause(tmp_path, monkeypatch):
     assert "--lr" not in first
     later = str(nonfinite_loss(float("inf"), 2, 9, updated=True, last_good="runs/x/checkpoint.pt"))
     assert "epoch 3, step 10" in later and "try a lower --lr" in later and "runs/x/checkpoint.pt" in later
-    import fmkt.distillers.fmkt as fm
+    import fmkt.distillers.flow as fm
 
     monkeypatch.setattr(fm.FMKTDistiller, "forward_train",
                         lambda self, images, labels, progress=0.0: (None, {"loss_kd": images.sum() * float("nan")}))

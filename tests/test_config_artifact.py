@@ -7,6 +7,7 @@ import yaml
 from safetensors.torch import save_file
 
 from fmkt.artifact import build_model, load_artifact, model_spec, save_artifact
+from fmkt.commands import configure
 from fmkt.config import Config, build_config, parse_set, recipe_names
 from fmkt.errors import FmktError
 from fmkt.models import create_model
@@ -48,7 +49,7 @@ def test_yaml_file_set_and_shortcut_precedence(tmp_path):
 ])
 def test_bad_config_is_one_sentence(bad, match):
     with pytest.raises(FmktError, match=match):
-        build_config(None, [bad])
+        configure(None, [bad])  # types and ranges (fmkt.config), then names and cross-stage facts (commands)
 
 
 def test_set_needs_key_value():
@@ -62,7 +63,7 @@ def test_shipped_recipes_parse_and_validate():
                  "cifar100_resnet56_resnet20", "cifar100_vgg13_vgg8"):
         assert want in names
     for name in names:
-        cfg = build_config(name)
+        cfg = configure(name, [])
         assert isinstance(cfg, Config)
     paper = build_config("cifar100_resnet32x4_resnet8x4")
     assert paper.train.epochs == 240 and paper.optim.milestones == [150, 180, 210]

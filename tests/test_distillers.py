@@ -2,7 +2,7 @@
 
 The tiny case (B = 3, C = 2, 1x1 maps, 3 classes, N = 2, rectified flow): the backbone's map is the image itself,
 the meta-encoder is a fixed 1x1 conv W (no bias), the time embedding is zero, the head is a fixed linear layer and
-the teacher a fixed linear map. Then, by the method (shared/spec/fmkt-method.md):
+the teacher a fixed linear map. Then, by the method (docs/method.md):
     v1 = W z1,  est1 = z1 - v1,  x1 = z1 - v1 / 2,  v2 = W x1,  est2 = z1 - v2,  y_i = head(est_i)
     loss_kd = (w / N) sum_i KD(y_i, Z0),  loss_ce = (ce / N) sum_i CE(y_i, labels),  logits = mean_i y_i
 Each expected value below is written from these lines with plain tensor ops, never through the sampler, so a

@@ -18,7 +18,7 @@ from fmkt.export import onnx_export as ox  # noqa: E402
 from fmkt.export.parity import parity_images  # noqa: E402
 from fmkt.export.pipeline import parse_batch  # noqa: E402
 from fmkt.export.trt_operators import SUPPORTED_OPS  # noqa: E402
-from fmkt.io import sha256_file  # noqa: E402
+from fmkt.files import sha256_file  # noqa: E402
 from fmkt.models import create_model  # noqa: E402
 from fmkt.student import DeployableModel  # noqa: E402
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from fmkt.cli.app import app
 from fmkt.errors import FmktError
-from fmkt.imports import resolve
+from fmkt.import_paths import resolve
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 runner = CliRunner()

@@ -18,9 +18,9 @@ from fmkt.cli.app import app
 from fmkt.config import build_config
 from fmkt.data import dataset_info
 from fmkt.errors import FmktError
-from fmkt.io import sha256_file
+from fmkt.files import sha256_file
 from fmkt.models import create_model
-from fmkt.pipeline import obtain_teacher
+from fmkt.commands import obtain_teacher
 from fmkt.teacher import load_teacher, read_state_dict
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -1,24 +1,44 @@
-"""Distillers: one per method, registered in one place (METHODS)."""
+"""Distillers, one per method, and METHODS: the one list of method names.
+
+A method is one entry: ``METHODS[name] = Method(cls, needs_teacher, flow, theta)``. Config checks, the CLI, `fmkt-cli
+info --models`, the benchmarks and fmkt.json read it, and tests/test_registries.py trains every entry (with every
+metric loss), so registering a method is what gets it tested.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from fmkt.distillers.base import Distiller
 from fmkt.distillers.baselines import LogitKDDistiller, VanillaDistiller
-from fmkt.distillers.fmkt import FMKTDistiller, OFMKTDistiller, ThetaDistiller, apply_dirac_ratio
+from fmkt.distillers.flow import FMKTDistiller, OFMKTDistiller, ThetaDistiller, apply_dirac_ratio
 from fmkt.errors import FmktError
 
-# method -> (needs a teacher, builds a flow student, has a theta head)
+
+@dataclass(frozen=True)
+class Method:
+    cls: type  # a Distiller: cls(student, teacher, cfg, input_shape=None, **options)
+    needs_teacher: bool
+    flow: bool  # builds a flow student (meta-encoder, K steps) and takes method.loss as its metric loss D
+    theta: bool  # adds the FM-KT^Theta head (K = 0 at deployment)
+    summary: str
+    options: dict = field(default_factory=dict)
+    features: bool = False  # also distills features (method.transfer=features)
+
+
 METHODS = {
-    "none": (False, False, False),
-    "kd": (True, False, False),
-    "dkd": (True, False, False),
-    "dist": (True, False, False),
-    "fmkt": (True, True, False),
-    "theta": (True, True, True),
-    "ofmkt": (False, True, False),
+    "none": Method(VanillaDistiller, False, False, False, "the student alone, cross-entropy (how teachers train)"),
+    "kd": Method(LogitKDDistiller, True, False, False, "Hinton KD on logits", {"loss_name": "kd"}),
+    "dkd": Method(LogitKDDistiller, True, False, False, "decoupled KD (Zhao et al., 2022)", {"loss_name": "dkd"}),
+    "dist": Method(LogitKDDistiller, True, False, False, "DIST relation matching (Huang et al., 2022)",
+                   {"loss_name": "dist"}),
+    "fmkt": Method(FMKTDistiller, True, True, False, "FM-KT: N Euler steps of a flow from student to teacher",
+                   features=True),
+    "theta": Method(ThetaDistiller, True, True, True, "FM-KT^Theta: FM-KT plus a zero-step head for deployment"),
+    "ofmkt": Method(OFMKTDistiller, False, True, False, "OFM-KT: FM-KT without a teacher (the steps teach each other)"),
 }
 
 
-def check_method(name: str) -> tuple[bool, bool, bool]:
+def check_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
@@ -27,18 +47,10 @@ def check_method(name: str) -> tuple[bool, bool, bool]:
 
 def build_distiller(cfg, student, teacher, input_shape=None) -> Distiller:
     """cfg: the MethodConfig. The teacher is required exactly for the methods that use one."""
-    needs_teacher, _, _ = check_method(cfg.name)
-    if needs_teacher and teacher is None:
+    method = check_method(cfg.name)
+    if method.needs_teacher and teacher is None:
         raise FmktError(f"method {cfg.name!r} needs a teacher; pass --teacher PATH (or let distill train one).")
-    if cfg.name == "none":
-        return VanillaDistiller(student, None, cfg)
-    if cfg.name in ("kd", "dkd", "dist"):
-        return LogitKDDistiller(student, teacher, cfg, loss_name=cfg.name)
-    if cfg.name == "fmkt":
-        return FMKTDistiller(student, teacher, cfg, input_shape)
-    if cfg.name == "theta":
-        return ThetaDistiller(student, teacher, cfg, input_shape)
-    return OFMKTDistiller(student, None, cfg, input_shape)
+    return method.cls(student, teacher if method.needs_teacher else None, cfg, input_shape, **method.options)
 
 
-__all__ = ["METHODS", "Distiller", "build_distiller", "check_method", "apply_dirac_ratio"]
+__all__ = ["METHODS", "Method", "Distiller", "build_distiller", "check_method", "apply_dirac_ratio"]

@@ -1,8 +1,9 @@
 """Distillers wire a student, a frozen teacher and a loss dict (mdistiller's shape, without DataParallel).
 
 ``forward_train(images, labels, progress) -> (logits, {"loss_ce": ..., "loss_kd": ...})``; the engine sums the
-dict. ``progress`` is the fractional epoch (DKD's warm-up reads it). Only the student (and any adapter the
-method adds) is trained; the teacher stays in eval mode with gradients off.
+dict. ``progress`` is the fractional epoch (DKD's warm-up reads it). Only the student (and any module the
+method adds, e.g. FM-KT's teacher projection) is trained; the teacher stays in eval mode with gradients off.
+Every distiller is built as ``cls(student, teacher, cfg, input_shape, **options)`` (fmkt.distillers.METHODS).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fmkt.student import DeployableModel
 class Distiller(nn.Module):
     needs_teacher = True
 
-    def __init__(self, student: DeployableModel, teacher: DeployableModel | None, cfg):
+    def __init__(self, student: DeployableModel, teacher: DeployableModel | None, cfg, input_shape=None):
         super().__init__()
         self.student = student
         self.teacher = teacher
@@ -31,10 +32,13 @@ class Distiller(nn.Module):
         return self
 
     def learnable_state_dict(self) -> dict:
-        """Everything trained (student and adapters), never the teacher."""
+        """Everything trained (the student and what the method adds), never the teacher."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
 
     def load_learnable_state_dict(self, state: dict) -> None:
+        # checkpoints written before the teacher projection had its name kept it under "adapter."
+        state = {("teacher_projection." + k[len("adapter."):] if k.startswith("adapter.") else k): v
+                 for k, v in state.items()}
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("teacher.")]
         if missing or unexpected:

@@ -18,8 +18,8 @@ class VanillaDistiller(Distiller):
 class LogitKDDistiller(Distiller):
     """``kd`` / ``dkd`` / ``dist``: ce_weight * CE + loss_weight * D(student logits, teacher logits)."""
 
-    def __init__(self, student, teacher, cfg, loss_name: str):
-        super().__init__(student, teacher, cfg)
+    def __init__(self, student, teacher, cfg, input_shape=None, loss_name: str = "kd"):
+        super().__init__(student, teacher, cfg, input_shape)
         self.metric = build_metric_loss(loss_name, **cfg.loss_params)
 
     def forward_train(self, images, labels, progress=0.0):

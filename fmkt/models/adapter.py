@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmkt.errors import FmktError
-from fmkt.imports import call_factory, first_line, is_import_path
+from fmkt.import_paths import call_factory, first_line, is_import_path
 
 ADAPTER_OPTIONS = ("feature_layer", "classifier")
 
@@ -53,7 +53,6 @@ class ModuleAdapter(nn.Module):
         self.module = module
         self.feature_layer = feature_layer
         self.classifier_name = classifier
-        self.head_checked = False
         was_training = module.training
         module.eval()  # the dry run must not touch BatchNorm statistics
         try:
@@ -120,7 +119,6 @@ class ModuleAdapter(nn.Module):
                 f"{self.classifier_name!r}, which FM-KT's shape map S must be: name the submodule whose output "
                 "feeds that pool with feature_layer= (and the head with classifier=), or add a forward_features "
                 "method returning that map.")
-        self.head_checked = True
 
     def _head_or_none(self) -> nn.Linear | None:
         if self.classifier_name is None:

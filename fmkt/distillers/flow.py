@@ -1,4 +1,4 @@
-"""FM-KT (serial training), FM-KT^Theta and OFM-KT; see shared/spec/fmkt-method.md.
+"""FM-KT (serial training), FM-KT^Theta and OFM-KT; the method in our words: docs/method.md.
 
 Per iteration with N steps (fixed, or drawn from a set):
     Z0 = teacher(X) (no grad), Dirac ratio applied to a copy
@@ -46,22 +46,22 @@ class FMKTDistiller(Distiller):
     """``fmkt``: logit transfer (S replaces the student head), or feature transfer with PKD velocity regression."""
 
     def __init__(self, student, teacher, cfg, input_shape=None):
-        super().__init__(student, teacher, cfg)
+        super().__init__(student, teacher, cfg, input_shape)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         if not student.is_flow:
             raise FmktError("FM-KT needs a student built with a meta-encoder.")
         self.metric = build_metric_loss(cfg.loss, **cfg.loss_params)
         self.train_step_choices = cfg.train_step_choices()
-        self.adapter = None
+        self.teacher_projection = None
         if student.transfer == "features":
-            self.adapter = self._build_adapter()
+            self.teacher_projection = self._build_teacher_projection()
 
-    def _build_adapter(self):
+    def _build_teacher_projection(self):
         """BN + strided 1x1 conv bringing the teacher's last map to the student's (C, H, W)."""
         if self.teacher is None:
             return None
         if self.input_shape is None:
-            raise FmktError("feature transfer needs the input shape to size the teacher adapter.")
+            raise FmktError("feature transfer needs the input shape to size the teacher projection.")
         device = next(self.student.parameters()).device
         probe = torch.zeros(2, *self.input_shape, device=device)
         was_training = self.student.training
@@ -106,7 +106,7 @@ class FMKTDistiller(Distiller):
         with torch.no_grad():
             zt = self.teacher.features(images).float()
         z1 = self.student.features(images)
-        z0 = self.adapter(zt)
+        z0 = self.teacher_projection(zt)
         if z0.shape[-2:] != z1.shape[-2:]:
             z0 = F.adaptive_avg_pool2d(z0, z1.shape[-2:])
         z0 = apply_dirac_ratio(z0, cfg.dirac_ratio)

@@ -33,6 +33,25 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
+def check_output_dir(path: str | Path) -> None:
+    """Refuse, before any work, an --out that is (or lies under) a file or a folder that takes no writes.
+
+    Creates nothing: the nearest existing folder gets a write probe (a temporary folder, removed at once), which
+    also catches read-only mounts where root ignores permission bits.
+    """
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise FmktError(f"output path {path} cannot be used: {probe} exists and is a file; pass a folder path.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fmkt-probe-", dir=probe))
+    except OSError as exc:
+        raise FmktError(f"output folder {path} is not writable ({probe}: {exc.strerror}); choose another --out.") \
+            from None
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; on success fsync it and rename it into place."""

@@ -1,0 +1,80 @@
+"""The training state for ``--resume``: ``OUT/checkpoint.pt`` (written atomically, read with weights_only=True).
+
+It holds the learnable weights (student and adapters, never the teacher), optimiser, scheduler, RNG, epoch and
+step, the history and best accuracies, the resolved config (a resume with other settings is refused, naming the
+keys) and the epoch's running loss sums, so a run killed mid-epoch resumes to the same metrics.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fmkt import __version__
+from fmkt.errors import FmktError
+from fmkt.files import atomic_path
+
+CHECKPOINT = "checkpoint.pt"
+# Keys that may change between a run and its --resume (they do not change the result).
+RESUME_FREE_KEYS = {"out", "train.device", "train.threads", "train.kernel"}
+CHECKPOINT_KEYS = ("epoch", "step_in_epoch", "model", "optimizer", "scheduler", "rng", "config", "history", "best")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({**payload, "fmkt_version": __version__}, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise FmktError(f"--resume was given but {path} does not exist; run without --resume to start fresh.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: any unpickling error means the same to the user
+        raise FmktError(f"checkpoint {path} cannot be read ({type(exc).__name__}); it is damaged — "
+                        "delete it to start fresh.") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        raise FmktError(f"{path} is not an fmkt checkpoint (it lacks the training state); delete it or choose "
+                        "another --out to start fresh.")
+    return ckpt
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (the resume-free keys excepted)."""
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        full = f"{prefix}{k}"
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and full not in ("method.loss_params", "method.encoder_params"):
+            keys += config_diff(a, b, full + ".")
+        elif a != b and full not in RESUME_FREE_KEYS:
+            keys.append(full)
+    return keys
+
+
+def restore(ckpt: dict, path: Path, cfg_dict: dict, distiller, optimizer, scheduler) -> None:
+    """Load the checkpoint's state into the run (after checking the config is the same), RNG included."""
+    diff = config_diff(ckpt["config"], cfg_dict)
+    if diff:
+        raise FmktError(f"--resume refused: the configuration differs from the checkpoint's in {', '.join(diff)}.")
+    try:
+        distiller.load_learnable_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise FmktError(f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0][:160]}); "
+                        "delete it to start fresh.") from None
+    set_rng_state(ckpt["rng"])

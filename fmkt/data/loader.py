@@ -1,0 +1,131 @@
+"""Seeded mini-batches: :class:`BatchLoader` (shuffling and sharding across ranks) and :func:`augment_batch`
+(random crop and flip on tensors), both drawing from explicit ``torch.Generator`` objects, so the same seed
+and epoch always give the same batches."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fmkt.data.tensors import DatasetInfo, ImageTensors
+from fmkt.errors import FmktError
+
+
+def augment_batch(
+    images: torch.Tensor, info: DatasetInfo, generator: torch.Generator
+) -> torch.Tensor:
+    """Random crop (zero padding ``info.crop_padding``) then, if ``info.hflip``, flip with p=0.5.
+
+    ``images``: (N, C, H, W). Every sample gets its own offsets; the result has the same shape
+    and is a new tensor (the input is returned unchanged when ``info`` asks for no augmentation).
+    Draws from ``generator`` (on its own device) in a fixed order, so results are deterministic.
+    """
+    n, c, h, w = images.shape
+    out = images
+    p = int(info.crop_padding)
+    gdev = generator.device
+    if p > 0 and n > 0:
+        padded = F.pad(images, (p, p, p, p))
+        off = torch.randint(0, 2 * p + 1, (2, n), generator=generator, device=gdev)
+        off = off.to(images.device)
+        rows = off[0, :, None] + torch.arange(h, device=images.device)  # (N, H)
+        cols = off[1, :, None] + torch.arange(w, device=images.device)  # (N, W)
+        # One gather over the flattened padded plane: index (row * padded_width + col).
+        flat = (rows[:, :, None] * (w + 2 * p) + cols[:, None, :]).view(n, 1, h * w)
+        out = torch.gather(padded.flatten(2), 2, flat.expand(n, c, h * w)).view(n, c, h, w)
+    if info.hflip and n > 0:
+        flip = torch.rand(n, generator=generator, device=gdev) < 0.5
+        flip = flip.to(images.device)[:, None, None, None]
+        out = torch.where(flip, out.flip(-1), out)
+    return out
+
+
+class BatchLoader:
+    """Seeded mini-batches ``(images, labels)`` over an :class:`ImageTensors`.
+
+    * ``shuffle``: a permutation from ``torch.Generator().manual_seed(seed + epoch)``, identical on
+      every rank (like ``DistributedSampler``).
+    * ``rank``/``world_size``: rank r takes items ``r, r + W, r + 2W, ...`` of the permutation,
+      padded by wrapping around so every rank has ``ceil(N / W)`` items and the same number of
+      batches.
+    * ``augment_info``: apply :func:`augment_batch` with a generator seeded from
+      ``(seed, epoch, rank)``; None = no augmentation.
+    * ``drop_last``: drop each rank's last incomplete batch.
+
+    Iterating twice in the same epoch yields identical batches; call :meth:`set_epoch` to move on.
+    Batches are new tensors (index copies) on the device of ``data``.
+    """
+
+    def __init__(
+        self,
+        data: ImageTensors,
+        batch_size: int,
+        shuffle: bool = False,
+        augment_info: DatasetInfo | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise FmktError(f"batch_size is {batch_size}: expected a positive integer.")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise FmktError(
+                f"rank {rank} with world_size {world_size} is invalid: expected "
+                "world_size >= 1 and 0 <= rank < world_size."
+            )
+        if len(data) == 0:
+            raise FmktError("The dataset given to BatchLoader is empty: expected at least one item.")
+        self.data = data
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.augment_info = augment_info
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.epoch = 0
+        #: items this rank sees per epoch (after padding)
+        self.num_samples = math.ceil(len(data) / self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose permutation and augmentation the next iteration uses."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def indices(self) -> torch.Tensor:
+        """This rank's item indices for the current epoch, in batch order (int64)."""
+        n = len(self.data)
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.arange(n)
+        total = self.num_samples * self.world_size
+        if total > n:  # pad by wrapping around, as DistributedSampler does
+            reps = math.ceil(total / n)
+            order = order.repeat(reps)[:total]
+        return order[self.rank:total:self.world_size]
+
+    def _aug_generator(self) -> torch.Generator:
+        state = np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(2)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self.indices().to(self.data.images.device)
+        gen = self._aug_generator() if self.augment_info is not None else None
+        for b in range(len(self)):
+            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            images = self.data.images.index_select(0, sel)
+            labels = self.data.labels.index_select(0, sel.to(self.data.labels.device))
+            if gen is not None:
+                images = augment_batch(images, self.augment_info, gen)
+            yield images, labels

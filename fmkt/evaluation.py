@@ -1,0 +1,68 @@
+"""Top-1 accuracy of a deployable student at each K, in IEEE fp32 (the numbers fmkt.json stores and bench shows).
+
+Keys: ``"plain"`` for a plain model (teachers and the baselines), ``"0"`` for the FM-KT^Theta head, ``"K"`` for K
+flow steps. Z1 is computed once per batch and every K reuses it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fmkt.data import BatchLoader, ImageTensors
+from fmkt.runtime import ddp_active, strict_fp32
+from fmkt.student import DeployableModel
+
+
+def step_label(k) -> str:
+    """How a K value reads in tables: theta for 0, K=n otherwise, 'student' for a plain model."""
+    return {"0": "theta (K=0)", "plain": "student"}.get(str(k), f"K={k}")
+
+
+def eval_keys(model: DeployableModel, steps) -> list[str]:
+    """Keys to evaluate: "plain" for a plain model; else each K it can run, plus "0" when it has a theta head."""
+    if not model.is_flow:
+        return ["plain"]
+    steps = list(steps) + ([0] if model.theta_head is not None and 0 not in steps else [])
+    return [str(k) for k in model.available_steps(steps)]
+
+
+@torch.no_grad()
+def evaluate(model: DeployableModel, data, keys: list[str], batch_size: int, device) -> dict:
+    """Top-1 accuracy (%) on ``data`` (ImageTensors) for each key; IEEE fp32 whatever the training precision.
+
+    Under DDP each rank counts its shard (items r, r + W, ...) and the counts are summed: every rank returns the
+    same numbers, those of the whole set (the caller makes the models equal first).
+    """
+    if ddp_active():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        data = ImageTensors(data.images[rank::world], data.labels[rank::world])
+    loader = BatchLoader(data, batch_size, shuffle=False, augment_info=None, seed=0)
+    correct, total = count_correct(model, loader, keys, device)
+    if ddp_active():
+        counts = torch.tensor([correct[k] for k in keys] + [total], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        correct, total = {k: int(c) for k, c in zip(keys, counts[:-1].tolist())}, int(counts[-1])
+    return {k: 100.0 * correct[k] / max(total, 1) for k in keys}
+
+
+@torch.no_grad()
+def count_correct(model: DeployableModel, batches, keys: list[str], device) -> tuple[dict, int]:
+    """({key: correct top-1 count}, images) over ``batches`` of (images, labels, ...); Z1 once per batch; IEEE
+    fp32 (``runtime.strict_fp32``)."""
+    was_training = model.training
+    model.eval()
+    correct = {k: 0 for k in keys}
+    total = 0
+    for images, labels, *_ in batches:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with strict_fp32():
+            if keys == ["plain"]:
+                outputs = {"plain": model(images)}
+            else:
+                z1 = model.features(images)
+                outputs = {k: model.logits_from_features(z1, int(k)) for k in keys}
+        for k, logits in outputs.items():
+            correct[k] += int((logits.argmax(1) == labels).sum())
+        total += labels.numel()
+    model.train(was_training)
+    return correct, total

@@ -1,0 +1,36 @@
+"""Optimisers and the LR schedule of a run: registered by name (``optim.name``, ``optim.scheduler``)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fmkt.config import Config
+
+
+def lr_factor(cfg: Config, epoch_progress: float) -> float:
+    """Multiplier of the base LR at a fractional epoch: linear warm-up, then cosine to 0 or step decay."""
+    o, epochs = cfg.optim, cfg.train.epochs
+    if o.warmup_epochs > 0 and epoch_progress < o.warmup_epochs:
+        return (epoch_progress + 1e-8) / o.warmup_epochs
+    if o.scheduler == "cosine":
+        span = max(epochs - o.warmup_epochs, 1e-8)
+        return 0.5 * (1.0 + math.cos(math.pi * min((epoch_progress - o.warmup_epochs) / span, 1.0)))
+    return o.gamma ** sum(1 for m in o.milestones if epoch_progress >= m)
+
+
+OPTIMIZERS = {
+    "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                             nesterov=o.nesterov and o.momentum > 0),
+    "adamw": lambda params, o: torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay),
+}
+LR_SCHEDULES = ("cosine", "multistep")  # lr_factor's two shapes (both with optional linear warm-up)
+
+
+def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.optim.name]([p for p in params if p.requires_grad], cfg.optim)
+
+
+def build_scheduler(cfg: Config, optimizer, iters_per_epoch: int):
+    """The LR schedule, stepped once per iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it / iters_per_epoch))
