@@ -13,10 +13,11 @@ import torch
 from fmkt import __version__
 from fmkt.errors import FmktError
 from fmkt.files import atomic_path
+from fmkt.optim import lr_onto_device
 
 CHECKPOINT = "checkpoint.pt"
 # Keys that may change between a run and its --resume (they do not change the result).
-RESUME_FREE_KEYS = {"out", "train.device", "train.threads", "train.kernel"}
+RESUME_FREE_KEYS = {"out", "train.device", "train.threads", "train.kernel", "train.fast_path"}
 CHECKPOINT_KEYS = ("epoch", "step_in_epoch", "model", "optimizer", "scheduler", "rng", "config", "history", "best")
 
 
@@ -73,6 +74,7 @@ def restore(ckpt: dict, path: Path, cfg_dict: dict, distiller, optimizer, schedu
     try:
         distiller.load_learnable_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        lr_onto_device(optimizer)
         scheduler.load_state_dict(ckpt["scheduler"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise FmktError(f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0][:160]}); "

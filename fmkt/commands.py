@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fmkt.artifact import is_artifact, load_artifact
+from fmkt.capture import MODES as FAST_PATH_MODES
 from fmkt.checkpoint import CHECKPOINT
 from fmkt.config import Config, MethodConfig
 from fmkt.data import dataset_info, load_dataset
@@ -65,6 +66,7 @@ def check_config(cfg: Config) -> Config:
     _check_name(cfg.optim.name, OPTIMIZERS, "optim.name")
     _check_name(cfg.optim.scheduler, LR_SCHEDULES, "optim.scheduler")
     _check_name(cfg.train.kernel, KERNEL_MODES, "train.kernel")
+    _check_name(cfg.train.fast_path, FAST_PATH_MODES, "train.fast_path")
     models = list_models()
     for value, key in [(cfg.student, "student"), (cfg.teacher.arch, "teacher.arch")]:
         if is_import_path(value):

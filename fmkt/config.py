@@ -83,6 +83,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0: a checkpoint at the end of every epoch only
     threads: int = 0  # torch CPU threads; 0 = torch's default
     kernel: str = "auto"  # flow-step kernels, fmkt.kernels.KERNEL_MODES: auto | triton | torch
+    fast_path: str = "auto"  # fmkt.capture.MODES: the GPU fast path (data on the GPU, captured step) auto | on | off
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fmkt.artifact import run_record, save_artifact
+from fmkt.capture import CapturedStep, fast_path_plan
 from fmkt.checkpoint import CHECKPOINT, load_checkpoint, restore, rng_state, save_checkpoint
 from fmkt.config import Config, save_config
 from fmkt.data import BatchLoader, check_images, load_dataset
@@ -30,8 +30,8 @@ from fmkt.errors import FmktError
 from fmkt.evaluation import eval_keys, evaluate, step_label
 from fmkt.files import atomic_path, check_output_dir, ensure_writable_dir
 from fmkt.optim import build_optimizer, build_scheduler
-from fmkt.runtime import (FP32, ddp_active, distributed, rank_and_world, resolve_device, seed_everything,
-                          sum_over_ranks)
+from fmkt.step import NonFiniteLoss, nonfinite_loss, train_step
+from fmkt.runtime import FP32, distributed, rank_and_world, resolve_device, seed_everything, sum_over_ranks
 from fmkt.student import DeployableModel, StudentSpec, build_student, spec_of
 
 METRICS = "metrics.jsonl"
@@ -52,44 +52,6 @@ class FitResult:
 
 
 # --------------------------------------------------------------------------------------------- one step
-class NonFiniteLoss(Exception):
-    """The loss of a step was NaN or Inf (on any rank); nothing was updated."""
-
-    def __init__(self, value: float):
-        super().__init__(value)
-        self.value = value
-
-
-def nonfinite_loss(value: float, epoch: int, step: int, *, updated: bool, last_good=None) -> FmktError:
-    """The one sentence for a NaN/Inf loss. Before any weight update the learning rate cannot be the cause, so
-    that case names what can be (the data, the method's settings); afterwards a lower LR is the usual cure."""
-    where = f"the loss became {value} at epoch {epoch + 1}, step {step + 1}"
-    if not updated:
-        return FmktError(f"{where}, before any weight update, so the learning rate is not the cause: check the "
-                         "data (NaN/Inf in the images?) and the method's settings (schedule, loss, transfer).")
-    return FmktError(f"{where}; stopped. The last good checkpoint is {last_good or 'none'}; try a lower --lr.")
-
-
-def train_step(model, optimizer, scheduler, images, labels, progress: float, amp: bool = False) -> dict:
-    """One iteration: the method's losses, a finite check (every rank together under DDP), backward, optimiser
-    and LR step. ``model`` is a distiller (or its DDP wrapper); ``progress`` the fractional epoch. Returns the
-    loss parts (tensors); raises NonFiniteLoss before touching any weight."""
-    with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
-        _, losses = model(images, labels, progress)
-    loss = sum(losses.values())
-    finite = torch.isfinite(loss.detach()).float()
-    if ddp_active():  # every rank stops together
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not bool(finite):
-        raise NonFiniteLoss(loss.item())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    return losses
-
-
 def make_progress(console: Console, enabled: bool = True) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -101,7 +63,7 @@ def make_progress(console: Console, enabled: bool = True) -> Progress:
 
 def epoch_record(epoch: int, lr: float, sums: dict, seen: int, seconds: float) -> dict:
     """metrics.jsonl's line for one epoch (the API's fit returns the same keys)."""
-    return {"epoch": epoch + 1, "lr": lr, "train_loss": sum(sums.values()) / max(seen, 1),
+    return {"epoch": epoch + 1, "lr": float(lr), "train_loss": sum(sums.values()) / max(seen, 1),
             **{k: v / max(seen, 1) for k, v in sums.items()}, "epoch_seconds": round(seconds, 3),
             "images_per_s": round(seen / max(seconds, 1e-9), 1)}
 
@@ -149,6 +111,10 @@ class Run:
     resumed_seen: int = 0
     last_good: Path | None = None
     t_start: float = field(default_factory=time.perf_counter)
+    step: object = None  # (images, labels, progress) -> losses: eager_step or a fmkt.capture.CapturedStep
+
+    def eager_step(self, images, labels, progress: float) -> dict:
+        return train_step(self.model, self.optimizer, self.scheduler, images, labels, progress, self.amp)
 
     @property
     def master(self) -> bool:  # only rank 0 writes files and shows progress
@@ -171,15 +137,16 @@ def load_data(cfg: Config):
     return train_set, test_set, data
 
 
-def build_models(cfg: Config, data, teacher, device, console):
-    """(student, distiller) on ``device``, the student's flow step on the kernel ``cfg`` asks for."""
+def build_models(cfg: Config, data, teacher, device, console, captured: bool = False):
+    """(student, distiller) on ``device``, the student's flow step on the kernel ``cfg`` asks for (``captured``:
+    the step will be a CUDA graph, where ``--kernel auto`` takes the fused step)."""
     seed_everything(cfg.train.seed)  # the same seed on every rank: identical initial weights and RNG draws
     student = build_student(student_spec(cfg, data)).to(device)
     from fmkt.kernels import install_step_kernel, kernel_summary  # lazy: Triton is imported only where it can run
 
-    install_step_kernel(student, cfg.train.kernel, device)
+    install_step_kernel(student, cfg.train.kernel, device, captured=captured)
     if device.type == "cuda" and student.is_flow:
-        console.print(kernel_summary(cfg.train.kernel, device), highlight=False)
+        console.print(kernel_summary(cfg.train.kernel, device, captured), highlight=False)
     teacher = teacher.to(device) if teacher is not None else None
     distiller = build_distiller(cfg.method, student, teacher, input_shape=(data.in_channels, *data.image_size))
     return student, distiller.to(device)
@@ -199,7 +166,12 @@ def prepare(cfg: Config, teacher, teacher_record, resume: bool, console, extra) 
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     train_set, test_set, data = load_data(cfg)
-    student, distiller = build_models(cfg, data, teacher, device, console)
+    on_gpu, capture, line = fast_path_plan(cfg.train.fast_path, cfg, device, world, check_method(cfg.method.name))
+    if device.type == "cuda":
+        console.print(line, highlight=False)
+    student, distiller = build_models(cfg, data, teacher, device, console, captured=capture)
+    if on_gpu:  # moved once: every batch is indexed and augmented on the GPU (the same batches as on the host)
+        train_set, test_set = train_set.to(device), test_set.to(device)
     loader = BatchLoader(train_set, cfg.data.batch_size // world, shuffle=True,
                          augment_info=data if cfg.data.augment else None, seed=cfg.train.seed, drop_last=True,
                          rank=rank, world_size=world)
@@ -216,6 +188,7 @@ def prepare(cfg: Config, teacher, teacher_record, resume: bool, console, extra) 
     if resume:
         resume_from_checkpoint(run)
     open_outputs(run)
+    run.step = CapturedStep(run.model, optimizer, run.scheduler, run.amp) if capture else run.eager_step
     return run
 
 
@@ -273,8 +246,7 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> None:
             continue
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
         try:
-            losses = train_step(run.model, run.optimizer, run.scheduler, images, labels, epoch + step / iters,
-                                run.amp)
+            losses = run.step(images, labels, epoch + step / iters)
         except NonFiniteLoss as exc:
             updated = bool(epoch or step or run.last_good)
             raise nonfinite_loss(exc.value, epoch, step, updated=updated, last_good=run.last_good) from None
@@ -287,6 +259,9 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> None:
         if every and (step + 1) % every == 0 and step + 1 < iters:
             checkpoint(run, epoch, step + 1, *sum_over_ranks(sums, seen, run.device))
     progress.remove_task(task)
+    failed = getattr(run.step, "failed", None)
+    if failed and epoch == run.start_epoch:
+        run.console.print(f"fast path: the step could not be captured ({failed}); trained eagerly", highlight=False)
     end_epoch(run, epoch, *sum_over_ranks(sums, seen, run.device), time.perf_counter() - t0)
 
 

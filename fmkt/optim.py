@@ -20,15 +20,30 @@ def lr_factor(cfg: Config, epoch_progress: float) -> float:
 
 
 OPTIMIZERS = {
-    "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                             nesterov=o.nesterov and o.momentum > 0),
-    "adamw": lambda params, o: torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay),
+    "sgd": lambda params, o, **kw: torch.optim.SGD(params, momentum=o.momentum, weight_decay=o.weight_decay,
+                                                   nesterov=o.nesterov and o.momentum > 0, **kw),
+    "adamw": lambda params, o, **kw: torch.optim.AdamW(params, weight_decay=o.weight_decay, **kw),
 }
 LR_SCHEDULES = ("cosine", "multistep")  # lr_factor's two shapes (both with optional linear warm-up)
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.optim.name]([p for p in params if p.requires_grad], cfg.optim)
+    """The configured optimiser over the trainable ``params``. On CUDA the fused implementation (one kernel for
+    all parameters) with the learning rate as a one-element GPU tensor, which the LR schedule fills in place: the
+    same optimiser serves the eager step and the captured one (fmkt.capture), which reads the LR on the GPU."""
+    params = [p for p in params if p.requires_grad]
+    if params and params[0].is_cuda:
+        lr = torch.tensor(float(cfg.optim.lr), device=params[0].device)
+        return OPTIMIZERS[cfg.optim.name](params, cfg.optim, lr=lr, fused=True)
+    return OPTIMIZERS[cfg.optim.name](params, cfg.optim, lr=cfg.optim.lr)
+
+
+def lr_onto_device(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a checkpoint, put a tensor LR back on its parameters' GPU (the state was read onto the CPU)."""
+    for group in optimizer.param_groups:
+        lr, device = group["lr"], group["params"][0].device
+        if isinstance(lr, torch.Tensor) and lr.device != device:
+            group["lr"] = lr.to(device)
 
 
 def build_scheduler(cfg: Config, optimizer, iters_per_epoch: int):

@@ -6,8 +6,8 @@
   loop of ``run_sampler``.
 
 Triton is optional: nothing here imports it until a kernel is asked for. ``install_step_kernel(model, mode)``
-is the one switch: ``auto`` uses what was shown correct and faster on CUDA (today the whole-sampler inference
-kernel; the fused training step stays torch, see ``AUTO_STEP_KERNEL``) and the torch reference elsewhere, ``triton``
+is the one switch: ``auto`` uses what was shown correct and faster on CUDA (the whole-sampler inference kernel;
+the fused training step inside a captured step, see ``AUTO_STEP_KERNEL``) and the torch reference elsewhere, ``triton``
 insists (on CPU only with ``TRITON_INTERPRET=1``, which runs the kernels in Triton's interpreter, slowly),
 ``torch`` never uses them. Kernels are never traced: under torch.compile, torch.export, ONNX export or
 jit tracing the dispatchers take the torch path.
@@ -131,19 +131,21 @@ def fused_mlp_sampler(z1: torch.Tensor, encoder, time_embed, steps: Sequence, tr
     return fin if transfer == "features" else est
 
 
-# What ``auto`` turns on where the kernels can run (CUDA). The fused training step is off: on an H100 it was not
-# faster end to end (training is launch-bound; BENCHMARKS.md, "Triton vs torch training"), so auto keeps the torch
-# step and ``--kernel triton`` remains the explicit choice. The whole-sampler inference kernel (mlp encoder) is on:
-# 3.7x the eager loop at K = 8 on the H100, matching the torch loop in the kernel tests.
-AUTO_STEP_KERNEL = False
+# What ``auto`` turns on where the kernels can run (CUDA), from H100 measurements (BENCHMARKS.md): the fused
+# training step inside a captured step (fmkt.capture), where it is 7-10 % faster end to end (11,476 vs 10,456
+# img/s at batch 128); not in an eager step, where it was +15 % at batch 128 and -15 % at 512 (launch-bound: no
+# reliable gain). The whole-sampler inference kernel (mlp encoder): 3.7x the eager loop at K = 8.
+AUTO_STEP_KERNEL = "captured"  # "captured" | True | False
 AUTO_SAMPLER_KERNEL = True
 
 
-def install_step_kernel(model, mode: str = "auto", device: torch.device | str | None = None) -> str:
+def install_step_kernel(model, mode: str = "auto", device: torch.device | str | None = None,
+                        captured: bool = False) -> str:
     """Point ``model.step_fn`` / ``model.sampler_fn`` at the kernels (or at nothing: the torch reference).
 
     model: a DeployableModel (a plain model without a meta-encoder gets nothing; None only checks the mode). device:
-    where it will run (default: its parameters' device). Returns the training step's path, "triton" or "torch"
+    where it will run (default: its parameters' device); ``captured``: the training step will be a CUDA graph
+    (fmkt.capture), where ``auto`` takes the fused step. Returns the training step's path, "triton" or "torch"
     (:func:`kernel_summary` says what was installed, and why). ``mode="triton"`` where the kernels cannot run
     raises FmktError; ``auto`` never does: it falls back to torch (CPU, old GPUs, no Triton) and says why in
     :func:`kernel_summary`.
@@ -165,14 +167,15 @@ def install_step_kernel(model, mode: str = "auto", device: torch.device | str | 
     elif mode == "auto" and device.type == "cuda":
         # CUDA only (the interpreter is for tests and --kernel triton): a CPU run never even imports Triton.
         ok = kernel_unavailable_reason(device) is None
-        step, sampler = ok and AUTO_STEP_KERNEL, ok and AUTO_SAMPLER_KERNEL
+        wanted = captured if AUTO_STEP_KERNEL == "captured" else bool(AUTO_STEP_KERNEL)
+        step, sampler = ok and wanted, ok and AUTO_SAMPLER_KERNEL
     if getattr(model, "encoder", None) is not None:
         model.step_fn = fused_euler_step if step else None
         model.sampler_fn = fused_mlp_sampler if sampler else None
     return "triton" if step else "torch"
 
 
-def kernel_summary(mode: str, device: torch.device | str) -> str:
+def kernel_summary(mode: str, device: torch.device | str, captured: bool = False) -> str:
     """One line for the run log: which flow-step implementation a run on ``device`` with ``mode`` uses, and why."""
     device = torch.device(device)
     if mode == "torch":
@@ -184,5 +187,8 @@ def kernel_summary(mode: str, device: torch.device | str) -> str:
     reason = kernel_unavailable_reason(device)
     if reason:
         return f"kernels: torch, because {reason}"
-    return ("kernels: torch training step (the fused Triton step was not faster end to end; --kernel triton uses "
-            "it), Triton whole-sampler inference for the mlp encoder")
+    if captured:
+        return ("kernels: Triton fused step inside the captured training step (faster there), Triton whole-sampler "
+                "inference for the mlp encoder")
+    return ("kernels: torch training step (the fused Triton step is not reliably faster in an eager step; --kernel "
+            "triton uses it), Triton whole-sampler inference for the mlp encoder")

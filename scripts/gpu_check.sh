@@ -3,6 +3,8 @@
 # (the machine already has torch and triton), then run the stages named in $FMKT_GPU_STAGES (default: all):
 #   triton    the Triton training path against the torch path under bf16: one step (loss + every gradient) and
 #             20 steps, the fused step on the training shape, images/s of both  -> benchmarks/triton_vs_torch.py
+#   speed     the captured training step against the eager one (tests/test_capture.py), then the training-speed
+#             table: methods x eager/fast x kernel x batch 128/512 -> benchmarks/train_speed.py
 #   numerics  TF32 against the fp32 gate; AOTInductor on CUDA: a plain torch CNN (is a crash torch's?) and
 #             `fmkt-cli export --format aoti --device cuda` (a crash must end as one sentence) -> scripts/gpu_numerics.py
 #   tests     the CUDA tests: kernels compiled (not interpreted), bf16 estimates on both paths, bench's CUDA timing
@@ -17,7 +19,7 @@ cd "$(dirname "$0")/.."
 OUT="${FMKT_BENCH_OUT:-benchmarks/results}"
 PY="${PYTHON:-python}"
 BUDGET="${FMKT_GPU_BUDGET:-540}"
-STAGES="${FMKT_GPU_STAGES:-triton tests numerics latency kernels compiled}"
+STAGES="${FMKT_GPU_STAGES:-triton tests numerics speed latency kernels compiled}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 mkdir -p "$OUT"
@@ -66,6 +68,16 @@ if want numerics; then
     echo "== numerics: TF32 and AOTInductor on CUDA"
     timeout "$(box 300)" "$PY" scripts/gpu_numerics.py --out "$OUT" --timeout 100 2>&1 | tee "$OUT/gpu_numerics.log"
     note numerics "${PIPESTATUS[0]}"
+fi
+
+if want speed; then
+    echo "== speed: the captured training step against the eager one, then images/s per method and path"
+    timeout "$(box 60)" "$PY" -m pytest -q -p no:cacheprovider tests/test_capture.py 2>&1 | tee "$OUT/capture_tests.log" \
+        | tail -n 15
+    note capture "${PIPESTATUS[0]}"
+    timeout "$(box 240)" "$PY" benchmarks/train_speed.py --device cuda --out "$OUT" 2>&1 | grep -v Warning \
+        | tee "$OUT/train_speed.log"
+    note speed "${PIPESTATUS[0]}"
 fi
 
 if want latency; then

@@ -71,7 +71,7 @@ MUTATIONS = [
              "        da, ds = self.velocity_coefficients(t)\n        return da * fp32(z1) + ds * fp32(z0)",
              "        return self.da(t) * fp32(z1) + self.ds(t) * fp32(z0)",
              ["tests/test_distillers.py", "tests/test_flow.py"]),
-    Mutation("1: a NaN before any update blamed on the learning rate", "fmkt/engine.py",
+    Mutation("1: a NaN before any update blamed on the learning rate", "fmkt/step.py",
              "    if not updated:\n", "    if False:\n",
              ["tests/test_cli.py::test_nonfinite_loss_names_the_cause"]),
     Mutation("2: theta/ofmkt accept transfer=features", "fmkt/commands.py",

@@ -147,10 +147,14 @@ def test_auto_falls_back_to_torch_on_gpus_the_kernels_do_not_support(monkeypatch
     with pytest.raises(FmktError, match="compute capability 7.0"):
         kernels.install_step_kernel(model, "triton", "cuda:1")
     assert "no cuda:3" in kernels.kernel_unavailable_reason("cuda:3")
-    # a supported GPU: auto installs what was shown faster (the whole-sampler inference), not the training step
-    assert kernels.install_step_kernel(model, "auto", "cuda:0") == ("triton" if kernels.AUTO_STEP_KERNEL else "torch")
-    assert (model.sampler_fn is not None) == kernels.AUTO_SAMPLER_KERNEL
+    # a supported GPU: auto installs what was shown faster: the whole-sampler inference always, the fused training
+    # step only inside a captured step (where it pays)
+    assert kernels.install_step_kernel(model, "auto", "cuda:0") == "torch"
+    assert (model.sampler_fn is not None) == kernels.AUTO_SAMPLER_KERNEL and model.step_fn is None
     assert "torch training step" in kernels.kernel_summary("auto", "cuda:0")
+    assert kernels.install_step_kernel(model, "auto", "cuda:0", captured=True) == "triton"
+    assert model.step_fn is kernels.fused_euler_step
+    assert "inside the captured training step" in kernels.kernel_summary("auto", "cuda:0", captured=True)
 
 
 @host_test

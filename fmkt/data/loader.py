@@ -15,6 +15,33 @@ from fmkt.data.tensors import DatasetInfo, ImageTensors
 from fmkt.errors import FmktError
 
 
+def draw_augmentation(n: int, info: DatasetInfo, generator: torch.Generator) -> tuple:
+    """The random numbers :func:`augment_batch` uses for ``n`` images, drawn from ``generator`` in a fixed order
+    (crop offsets (2, n), then flip coins (n,)); None where ``info`` asks for no crop or no flip."""
+    p = int(info.crop_padding)
+    off = torch.randint(0, 2 * p + 1, (2, n), generator=generator, device=generator.device) if p > 0 and n else None
+    flip = torch.rand(n, generator=generator, device=generator.device) < 0.5 if info.hflip and n else None
+    return off, flip
+
+
+def apply_augmentation(images: torch.Tensor, info: DatasetInfo, off, flip) -> torch.Tensor:
+    """Random crop (zero padding ``info.crop_padding``, offsets ``off``) then flip where ``flip`` is True."""
+    n, c, h, w = images.shape
+    out = images
+    p = int(info.crop_padding)
+    if off is not None:
+        padded = F.pad(images, (p, p, p, p))
+        off = off.to(images.device, non_blocking=True)
+        rows = off[0, :, None] + torch.arange(h, device=images.device)  # (N, H)
+        cols = off[1, :, None] + torch.arange(w, device=images.device)  # (N, W)
+        # One gather over the flattened padded plane: index (row * padded_width + col).
+        flat = (rows[:, :, None] * (w + 2 * p) + cols[:, None, :]).view(n, 1, h * w)
+        out = torch.gather(padded.flatten(2), 2, flat.expand(n, c, h * w)).view(n, c, h, w)
+    if flip is not None:
+        out = torch.where(flip.to(images.device, non_blocking=True)[:, None, None, None], out.flip(-1), out)
+    return out
+
+
 def augment_batch(
     images: torch.Tensor, info: DatasetInfo, generator: torch.Generator
 ) -> torch.Tensor:
@@ -24,24 +51,7 @@ def augment_batch(
     and is a new tensor (the input is returned unchanged when ``info`` asks for no augmentation).
     Draws from ``generator`` (on its own device) in a fixed order, so results are deterministic.
     """
-    n, c, h, w = images.shape
-    out = images
-    p = int(info.crop_padding)
-    gdev = generator.device
-    if p > 0 and n > 0:
-        padded = F.pad(images, (p, p, p, p))
-        off = torch.randint(0, 2 * p + 1, (2, n), generator=generator, device=gdev)
-        off = off.to(images.device)
-        rows = off[0, :, None] + torch.arange(h, device=images.device)  # (N, H)
-        cols = off[1, :, None] + torch.arange(w, device=images.device)  # (N, W)
-        # One gather over the flattened padded plane: index (row * padded_width + col).
-        flat = (rows[:, :, None] * (w + 2 * p) + cols[:, None, :]).view(n, 1, h * w)
-        out = torch.gather(padded.flatten(2), 2, flat.expand(n, c, h * w)).view(n, c, h, w)
-    if info.hflip and n > 0:
-        flip = torch.rand(n, generator=generator, device=gdev) < 0.5
-        flip = flip.to(images.device)[:, None, None, None]
-        out = torch.where(flip, out.flip(-1), out)
-    return out
+    return apply_augmentation(images, info, *draw_augmentation(images.shape[0], info, generator))
 
 
 class BatchLoader:
@@ -121,11 +131,23 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self.indices().to(self.data.images.device)
-        gen = self._aug_generator() if self.augment_info is not None else None
+        draws = self._epoch_draws()
         for b in range(len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             images = self.data.images.index_select(0, sel)
             labels = self.data.labels.index_select(0, sel.to(self.data.labels.device))
-            if gen is not None:
-                images = augment_batch(images, self.augment_info, gen)
+            if draws is not None:
+                images = apply_augmentation(images, self.augment_info, *draws[b])
             yield images, labels
+
+    def _epoch_draws(self) -> list | None:
+        """Every batch's augmentation randoms for this epoch, drawn up front in batch order (the same numbers the
+        per-batch draws give) and, for data on a GPU, copied there at once: no host work per batch."""
+        if self.augment_info is None:
+            return None
+        gen, device = self._aug_generator(), self.data.images.device
+        sizes = [min(self.batch_size, self.num_samples - b * self.batch_size) for b in range(len(self))]
+        draws = [draw_augmentation(n, self.augment_info, gen) for n in sizes]
+        if device.type == "cpu":
+            return draws
+        return [tuple(None if t is None else t.to(device, non_blocking=False) for t in d) for d in draws]

@@ -55,6 +55,10 @@ class ImageTensors:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def to(self, device) -> "ImageTensors":
+        """The split on ``device`` (a GPU-resident dataset: batches are then indexed and augmented there)."""
+        return ImageTensors(self.images.to(device), self.labels.to(device))
+
     def subset(self, n: int, seed: int = 0) -> "ImageTensors":
         """A seeded, class-stratified subset of ``n`` items (all items, copied, if n >= len).
 

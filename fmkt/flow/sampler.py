@@ -70,8 +70,17 @@ def time_embeddings(time_embed: nn.Module, steps: Sequence[StepConstants], ref: 
     table = getattr(time_embed, "precomputed", None)
     if table is not None:
         return table.to(ref.dtype)
-    t = torch.tensor([c.t for c in steps], dtype=torch.float32, device=ref.device)
-    return time_embed(t).to(ref.dtype)
+    return time_embed(step_times(time_embed, steps, ref.device)).to(ref.dtype)
+
+
+def step_times(owner: nn.Module, steps: Sequence[StepConstants], device) -> torch.Tensor:
+    """The (N,) times t_i on ``device``, made once per (steps, device) and kept on ``owner``: a host-to-device
+    copy per call would break a captured CUDA graph (and costs a sync each step)."""
+    key = (tuple(c.t for c in steps), str(device))
+    cache = owner.__dict__.setdefault("_step_times", {})
+    if key not in cache:
+        cache[key] = torch.tensor(key[0], dtype=torch.float32, device=device)
+    return cache[key]
 
 
 def run_sampler(
