@@ -28,7 +28,7 @@ from fmkt.data import BatchLoader, check_images, load_dataset
 from fmkt.distillers import build_distiller, check_method
 from fmkt.errors import FmktError
 from fmkt.evaluation import eval_keys, evaluate, step_label
-from fmkt.files import atomic_path, check_output_dir, ensure_writable_dir
+from fmkt.files import atomic_path, check_output_dir, ensure_writable_dir, remove_stale_temporaries
 from fmkt.optim import build_optimizer, build_scheduler
 from fmkt.step import NonFiniteLoss, nonfinite_loss, train_step
 from fmkt.runtime import FP32, distributed, rank_and_world, resolve_device, seed_everything, sum_over_ranks
@@ -207,6 +207,7 @@ def open_outputs(run: Run) -> None:
     """The output folder, config.yaml and metrics.jsonl (exactly the epochs the state has seen); DDP wrapping."""
     if run.master:
         ensure_writable_dir(run.out)
+        remove_stale_temporaries(run.out)  # a run killed while writing a checkpoint leaves its temporary file
         save_config(run.cfg, run.out / "config.yaml")
         with atomic_path(run.out / METRICS) as tmp:
             tmp.write_text("".join(json.dumps(h) + "\n" for h in run.history))

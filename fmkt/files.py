@@ -69,6 +69,15 @@ def atomic_path(path: str | Path):
             os.unlink(tmp)
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what a killed writer left in ``folder``: atomic_path's ``.NAME.XXXX.tmp`` files (never read, since
+    the rename did not happen). Returns what was removed."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

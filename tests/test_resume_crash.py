@@ -151,3 +151,16 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, chang
     assert "--resume refused: the configuration differs from the checkpoint's in" in message
     assert key in message.split("checkpoint's in")[1]
     assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_killed_writers_temporary_file_is_cleared_on_resume(tmp_path):
+    """SIGKILL can land while a checkpoint is being written: the temporary file it leaves is never read (the
+    rename did not happen) and the next run in that folder removes it."""
+    from fmkt.files import remove_stale_temporaries
+
+    (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"torn")
+    (tmp_path / "checkpoint.pt").write_bytes(b"kept")
+    (tmp_path / ".hidden-but-ours-not").write_text("kept")
+    removed = remove_stale_temporaries(tmp_path)
+    assert [p.name for p in removed] == [".checkpoint.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-but-ours-not", "checkpoint.pt"]
