@@ -1,137 +1,236 @@
-"""Accuracy benchmark on Fashion-MNIST: every method, same teacher, student, epochs and seeds.
+"""Accuracy benchmark on Fashion-MNIST: every method, the same teacher, student, epochs and seeds.
 
-    python benchmarks/accuracy.py                      # the BENCHMARKS.md run (about an hour on 2 cores)
-    python benchmarks/accuracy.py --seeds 0 --epochs 1 --train-subset 1000   # a quick look
+    python benchmarks/accuracy.py --protocol converged --jobs 4    # the GPU protocol (full data, 30 epochs, 5 seeds)
+    python benchmarks/accuracy.py --protocol cpu                   # what 2 CPU cores afford (~2 h), labelled as such
+    python benchmarks/accuracy.py                                  # the recipe's own setting (the older CPU table)
+    python benchmarks/accuracy.py --report-only --out FILE         # the tables of the runs saved in FILE
 
-Starts from the shipped `fashion-mnist` recipe. One teacher is trained once (seed 0) and shared by every run.
-Each finished run is saved at once to the JSON file, and a rerun skips runs already there, so an interrupted
-benchmark continues where it stopped. Prints and writes a markdown table of mean +- std top-1 per K.
+Protocols (PROTOCOLS): ``converged``: the full 60,000 / 10,000 split, a wrn_16_2 teacher trained to convergence
+(its curve is reported), students for 30 epochs (the table shows how much the last 5 epochs still moved), seeds
+0-4, every row below; ``cpu``: a 10,000-image seeded subset, 6 epochs, seeds 0-2, the rows 2 cores can afford.
+Rows (ROWS): the student alone; KD, DKD and DIST at their authors' published CIFAR-100 settings; FM-KT with its
+authors' choices (DIST as D, rectified flow, N = 8) and with the best D found on held-out training images (never
+the test split); FM-KT^Theta and OFM-KT; logit standardization (LS) with KD, DKD and FM-KT; FM-KT^Theta with the
+dwconv and mlp encoders (the accuracy side of benchmarks/pareto.py). The published settings and their sources
+come from fmkt.distillers.published.
+
+One teacher is trained once (seed 0) and shared by every run. Each finished run is saved at once to the JSON
+file; a rerun skips the runs already there, so an interrupted benchmark continues where it stopped. ``--jobs N``
+runs N trainings at once (several fit on one GPU). Writes the JSON (every run with its per-epoch history) and a
+Markdown table (benchmarks/accuracy_stats.py: mean +- std, paired differences to FM-KT with a t-test, the
+convergence check).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
-from rich.console import Console
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fmkt.config import build_config
-from fmkt.distillers import METHODS  # every registered method, in the registry's order
-from fmkt.engine import fit
-from fmkt.evaluation import step_label
-from fmkt.commands import obtain_teacher, teacher_accuracy
-from fmkt.runtime import environment, environment_rows
+from benchmarks.accuracy_stats import headline, markdown, pareto_input  # noqa: E402
 
-KEYS = ["plain", "1", "2", "4", "8", "0"]
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    description: str
+    train_subset: int | None
+    epochs: int
+    seeds: tuple
+    teacher_epochs: int
+    rows: tuple
+    holdout: int
+    student: str = "resnet8"
+
+
+@dataclass(frozen=True)
+class Row:
+    method: dict  # method section overrides
+    published: str | None  # key of fmkt.distillers.published.PUBLISHED, None = fmkt defaults
+    cpu: bool = False  # in the CPU protocol
+    recipe: bool = False  # in the recipe protocol (the older table)
+
+
+ROWS = {
+    "none": Row({"name": "none"}, None, cpu=True, recipe=True),
+    "kd": Row({"name": "kd"}, "kd", cpu=True, recipe=True),
+    "dkd": Row({"name": "dkd"}, "dkd", cpu=True, recipe=True),
+    "dist": Row({"name": "dist"}, "dist", cpu=True, recipe=True),
+    "fmkt": Row({"name": "fmkt", "loss": "dist", "schedule": "rectified", "train_steps": "8"}, "fmkt", cpu=True,
+                recipe=True),
+    "fmkt (best D)": Row({"name": "fmkt"}, "fmkt"),
+    "theta": Row({"name": "theta"}, "fmkt", cpu=True, recipe=True),
+    "ofmkt": Row({"name": "ofmkt"}, "fmkt", recipe=True),
+    "kd+ls": Row({"name": "kd"}, "kd+ls", cpu=True),
+    "dkd+ls": Row({"name": "dkd"}, "dkd+ls"),
+    "fmkt+ls": Row({"name": "fmkt"}, "fmkt+ls", cpu=True),
+    "theta dwconv": Row({"name": "theta", "encoder": "dwconv"}, "fmkt", cpu=True),
+    "theta mlp": Row({"name": "theta", "encoder": "mlp"}, "fmkt"),
+}
+PROTOCOLS = {
+    "converged": Protocol("converged", "full 60,000 / 10,000 split, 30 epochs, the GPU protocol", None, 30,
+                          (0, 1, 2, 3, 4), 40, tuple(ROWS), 5000),
+    "cpu": Protocol("cpu", "10,000-image subset, 6 epochs: what 2 CPU cores afford, not converged", 10000, 6,
+                    (0, 1, 2), 8, tuple(r for r, x in ROWS.items() if x.cpu), 1000),
+    "recipe": Protocol("recipe", "the fashion-mnist recipe's own setting (10,000 images, 4 epochs)", 10000, 4,
+                       (0, 1, 2), 8, tuple(r for r, x in ROWS.items() if x.recipe), 1000),
+}
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="fashion-mnist")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
-    ap.add_argument("--train-subset", type=int, default=None)
-    ap.add_argument("--loss", default=None, help="metric loss of the FM-KT family (recipe: dist)")
+    ap.add_argument("--protocol", default="recipe", choices=list(PROTOCOLS))
+    ap.add_argument("--seeds", default=None, help="override the protocol's seeds, e.g. 0,1,2")
+    ap.add_argument("--rows", default=None, help="override the protocol's rows (comma list of ROWS)")
+    ap.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
+    ap.add_argument("--train-subset", type=int, default=None, help="override the protocol's subset (a smoke run)")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings at once (several fit on one GPU)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--work", default="runs/bench-accuracy", help="run folders")
-    ap.add_argument("--out", default="benchmarks/results/accuracy_fashion-mnist.json")
+    ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/accuracy_<protocol>.json)")
     ap.add_argument("--report-only", action="store_true", help="only print the table of the runs saved in --out")
     return ap.parse_args(argv)
 
 
-def overrides(args, **extra) -> dict:
-    o: dict = {"data": {}, "train": {}, "method": {}}
-    if args.epochs:
-        o["train"]["epochs"] = args.epochs
-        o["train"]["eval_every"] = args.epochs
-    if args.train_subset:
-        o["data"]["train_subset"] = args.train_subset
-    if args.data_dir:
-        o["data"]["dir"] = args.data_dir
-    if args.loss:
-        o["method"]["loss"] = args.loss
-    for k, v in extra.items():
-        o.setdefault(k, {}).update(v) if isinstance(v, dict) else o.__setitem__(k, v)
-    return o
+def published(key: str | None) -> tuple[dict, str]:
+    """(method overrides, where they come from) of a published setting; ({}, our defaults) when unknown."""
+    if key is None:
+        return {}, "fmkt defaults"
+    try:
+        from fmkt.distillers.published import PUBLISHED
+    except ImportError:
+        return {}, "fmkt defaults (no published-settings registry)"
+    entry = PUBLISHED.get(key)
+    if entry is None:
+        return {}, f"fmkt defaults (no published setting for {key})"
+    return dict(entry.method), entry.source
 
 
-def summarise(results: dict) -> list[dict]:
-    rows = []
-    for method in METHODS:
-        runs = [r for r in results["runs"] if r["method"] == method]
-        if not runs:
-            continue
-        row = {"method": method, "seeds": len(runs), "seconds": statistics.mean(r["seconds"] for r in runs)}
-        for k in KEYS:
-            vals = [r["top1"][k] for r in runs if k in r["top1"]]
-            if vals:
-                row[k] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        rows.append(row)
-    return rows
+def base_config(p: Protocol, args, seed: int, out: str, method: dict | None = None, data: dict | None = None):
+    from fmkt.config import build_config
+
+    o = {"data": {"train_subset": args.train_subset or p.train_subset,
+                  **({"dir": args.data_dir} if args.data_dir else {}),
+                  **(data or {})},
+         "train": {"seed": seed, "epochs": args.epochs or p.epochs, "eval_every": 1},
+         "teacher": {"epochs": p.teacher_epochs}, "student": p.student, "out": out,
+         "method": {"eval_steps": [1, 2, 4, 8], **(method or {})}}
+    return build_config("fashion-mnist", [o])
 
 
-def markdown(results: dict) -> str:
-    cfg = results["config"]
-    head = ("| method | seeds | student (plain) | K=1 | K=2 | K=4 | K=8 | theta (K=0) | s / run |\n"
-            "|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
-    for row in summarise(results):
-        cells = [f"{row[k][0]:.2f} ± {row[k][1]:.2f}" if k in row else "" for k in KEYS]
-        lines.append(f"| {row['method']} | {row['seeds']} | " + " | ".join(cells) + f" | {row['seconds']:.0f} |")
-    t = results["teacher"]
-    return (f"Teacher {t['arch']}: {t['accuracy']:.2f} % top-1. Student {cfg['student']}; "
-            f"{cfg['train']['epochs']} epochs on {cfg['data']['train_subset'] or 'all'} training images; "
-            f"FM-KT loss {cfg['method']['loss']}, encoder {cfg['method']['encoder']}, N = {cfg['method']['train_steps']}; "
-            f"seeds {results['seeds']}; mean ± std of top-1 (%) on the 10,000-image test split.\n\n"
-            + "\n".join(lines) + "\n")
+def run_one(job: dict) -> dict:
+    """One training (in this process or a worker): the row's config, the shared teacher, fit."""
+    from rich.console import Console
+
+    from fmkt.commands import check_config
+    from fmkt.engine import fit
+    from fmkt.teacher import load_teacher
+
+    p, args = PROTOCOLS[job["protocol"]], argparse.Namespace(**job["args"])
+    cfg = check_config(base_config(p, args, job["seed"], job["out"], job["method"], job.get("data")))
+    teacher, tinfo = None, None
+    from fmkt.distillers import METHODS
+
+    if METHODS[cfg.method.name].needs_teacher:
+        t = job["teacher"]
+        from fmkt.data import dataset_info
+
+        info = dataset_info("fashion-mnist", args.data_dir)
+        teacher, tinfo = load_teacher(t["source"], arch=t["arch"], num_classes=info.num_classes,
+                                      in_channels=info.in_channels, mean=info.mean, std=info.std,
+                                      input_size=info.image_size)
+        tinfo["accuracy"] = t["accuracy"]
+    res = fit(cfg, teacher=teacher, teacher_info=tinfo, console=Console(stderr=True, quiet=job["quiet"]))
+    return {"row": job["row"], "seed": job["seed"], "method": cfg.method.name, "encoder": cfg.method.encoder
+            if METHODS[cfg.method.name].flow else None, "top1": res.last, "best": res.best,
+            "seconds": round(res.seconds, 1), "settings": job["settings"],
+            "history": [{"epoch": h["epoch"], "top1": h.get("top1", {})} for h in res.history]}
+
+
+def teacher_record(p: Protocol, args, console) -> dict:
+    from fmkt.commands import obtain_teacher, teacher_accuracy
+
+    cfg = base_config(p, args, 0, f"{args.work}/teacher")
+    teacher, tinfo = obtain_teacher(cfg, console)  # trained once (seed 0), cached, shared by every run
+    tinfo["accuracy"] = teacher_accuracy(teacher, cfg)
+    metrics = Path(tinfo["source"]).parent / "metrics.jsonl"
+    tinfo["curve"] = [json.loads(line).get("top1", {}).get("plain") for line in metrics.read_text().splitlines()] \
+        if metrics.is_file() else []
+    return tinfo
+
+
+def select_loss(p: Protocol, args, results: dict, out: Path, jobs) -> str:
+    """FM-KT's D with the best held-out top-1 at K = 8 (seed 0, ``p.holdout`` training images held out)."""
+    sel = results.setdefault("selection", {"holdout": p.holdout, "holdout_top1": {}})
+    from fmkt.losses import LOSSES  # every registered D is a candidate
+
+    todo = [d for d in LOSSES if d not in sel["holdout_top1"]]
+    for d, res in zip(todo, jobs([dict(row=f"select {d}", seed=0, method={"name": "fmkt", "loss": d},
+                                       data={"holdout": p.holdout}, settings="") for d in todo])):
+        sel["holdout_top1"][d] = res["top1"]["8"]
+        out.write_text(json.dumps(results, indent=1))
+    sel["best"] = max(sel["holdout_top1"], key=sel["holdout_top1"].get)
+    return sel["best"]
 
 
 def main(argv=None) -> int:
+    from rich.console import Console
+
+    from fmkt.runtime import environment
+
     args = parse_args(argv)
-    console = Console(stderr=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    methods = [m for m in args.methods.split(",") if m]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    p = PROTOCOLS[args.protocol]
+    out = Path(args.out or f"benchmarks/results/accuracy_{p.name}.json")
     results = json.loads(out.read_text()) if out.exists() else {"runs": []}
     if args.report_only:
         print(markdown(results))
+        out.with_name(out.stem + "_pareto.json").write_text(json.dumps(pareto_input(results), indent=1) + "\n")
         return 0
-    done = {(r["method"], r["seed"]) for r in results["runs"]}
-
-    base = build_config(args.recipe, [overrides(args, train={"seed": 0}, out=f"{args.work}/teacher")])
+    console = Console(stderr=True)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(p.seeds)
+    rows = args.rows.split(",") if args.rows else list(p.rows)
     t0 = time.perf_counter()
-    teacher, tinfo = obtain_teacher(base, console)  # trained once (seed 0), cached, shared by every run
-    tinfo["accuracy"] = teacher_accuracy(teacher, base)
-    results.update({"config": base.to_dict(), "teacher": tinfo, "seeds": seeds,
-                    "versions": environment_rows(environment()),  # the rows of `fmkt-cli info`
-                    "command": "python " + " ".join(sys.argv),
-                    "date": time.strftime("%Y-%m-%d")})
-    console.print(f"teacher {tinfo['arch']}: {tinfo['accuracy']:.2f} %")
+    results.update(protocol={"name": p.name, "description": p.description, "student": p.student,
+                             "epochs": args.epochs or p.epochs}, seeds=seeds, rows=rows,
+                   environment=environment(), command="python " + " ".join(sys.argv), date=time.strftime("%Y-%m-%d"))
+    results["teacher"] = teacher_record(p, args, console)
+    console.print(f"teacher {results['teacher']['arch']}: {results['teacher']['accuracy']:.2f} %")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    common = dict(protocol=p.name, args=vars(args), teacher=results["teacher"], quiet=args.jobs > 1)
+
+    def jobs(batch):
+        batch = [{**common, "out": f"{args.work}/{j['row'].replace(' ', '_')}-s{j['seed']}", **j} for j in batch]
+        if args.jobs <= 1:
+            return map(run_one, batch)
+        pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"))
+        return pool.map(run_one, batch)
+
+    best_d = select_loss(p, args, results, out, jobs) if "fmkt (best D)" in rows else None
+    done = {(r["row"], r["seed"]) for r in results["runs"]}
+    todo = []
     for seed in seeds:
-        for method in methods:
-            if (method, seed) in done:
+        for row in rows:
+            if (row, seed) in done:
                 continue
-            cfg = build_config(args.recipe, [overrides(args, train={"seed": seed}, method={"name": method},
-                                                       teacher={"path": tinfo["source"]},
-                                                       out=f"{args.work}/{method}-s{seed}")])
-            console.print(f"[bold]{method} seed {seed}[/]")
-            uses_teacher = method not in ("none", "ofmkt")
-            res = fit(cfg, teacher=teacher if uses_teacher else None, teacher_info=tinfo if uses_teacher else None,
-                      console=console)
-            results["runs"].append({"method": method, "seed": seed, "top1": res.last, "best": res.best,
-                                    "seconds": round(res.seconds, 1)})
-            out.write_text(json.dumps(results, indent=1))
-            console.print(f"  {method} seed {seed}: " + ", ".join(f"{step_label(k)} {v:.2f}" for k, v in res.last.items())
-                          + f"  ({res.seconds:.0f} s)")
+            method, key = ROWS[row].method, ROWS[row].published
+            pub, source = published(key)
+            method = {**pub, **method, **({"loss": best_d} if row == "fmkt (best D)" else {})}
+            todo.append(dict(row=row, seed=seed, method=method, settings=f"{method} ({source})"))
+    for res in jobs(todo):
+        results["runs"].append(res)
+        out.write_text(json.dumps(results, indent=1))
+        console.print(f"  {res['row']} seed {res['seed']}: top-1 {headline(res):.2f} ({res['seconds']:.0f} s)")
     results["total_seconds"] = round(time.perf_counter() - t0, 1)
     out.write_text(json.dumps(results, indent=1))
     table = markdown(results)
     out.with_suffix(".md").write_text(table)
+    out.with_name(out.stem + "_pareto.json").write_text(json.dumps(pareto_input(results), indent=1) + "\n")
     print(table)
     return 0
 

@@ -53,14 +53,19 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts (the resume-free keys excepted)."""
+def config_diff(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (the resume-free keys excepted). A key the old
+    config lacks (a checkpoint written before the key existed) counts as its default value."""
+    if defaults is None:
+        from fmkt.config import Config
+
+        defaults = Config().to_dict()
     keys = []
     for k in sorted(set(old) | set(new)):
         full = f"{prefix}{k}"
-        a, b = old.get(k), new.get(k)
+        a, b = old.get(k, (defaults or {}).get(k)), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict) and full not in ("method.loss_params", "method.encoder_params"):
-            keys += config_diff(a, b, full + ".")
+            keys += config_diff(a, b, full + ".", (defaults or {}).get(k) if isinstance(defaults, dict) else None)
         elif a != b and full not in RESUME_FREE_KEYS:
             keys.append(full)
     return keys

@@ -41,7 +41,7 @@ def check_method_names(m: MethodConfig) -> None:
     """The method section's names against their registries (the Python API checks its MethodConfig here too)."""
     from fmkt.flow.encoders import ENCODERS
     from fmkt.flow.schedules import SCHEDULES
-    from fmkt.losses import LOSSES
+    from fmkt.losses import LOGIT_LOSSES, LOSSES, build_metric_loss
 
     method = check_method(m.name)
     _check_name(m.encoder, ENCODERS, "method.encoder")
@@ -53,6 +53,16 @@ def check_method_names(m: MethodConfig) -> None:
         raise FmktError(f"method.transfer=features works with method {allowed} only (method {m.name!r} distills "
                         "logits: theta's head and OFM-KT's ensemble target are logits); use method.transfer=logits "
                         "or --method fmkt.")
+    loss = method.options.get("loss_name", m.loss if method.flow else None)  # the D the method builds, if any
+    if m.logit_standardization and (m.transfer == "features" or (loss and loss not in LOGIT_LOSSES)):
+        what = "method.transfer=features" if m.transfer == "features" else f"method.loss={loss}"
+        raise FmktError(f"method.logit_standardization works with the softmax logit losses ({', '.join(LOGIT_LOSSES)}) "
+                        f"only, not with {what}; turn it off or choose one of them (with method.transfer=logits).")
+    if loss:  # the parameters of the D the method builds, up front (before any teacher is trained)
+        if "standardize" in m.loss_params:
+            raise FmktError("method.loss_params.standardize is not a loss parameter; logit standardization is "
+                            "method.logit_standardization: true.")
+        build_metric_loss(loss, standardize=m.logit_standardization, **m.loss_params)
 
 
 def check_config(cfg: Config) -> Config:
@@ -125,7 +135,8 @@ def teacher_config(cfg: Config) -> Config:
 
 
 def teacher_cache_key(t: Config) -> str:
-    relevant = {"student": t.student, "data": t.data.__dict__, "optim": t.optim.__dict__,
+    data = {k: v for k, v in t.data.__dict__.items() if not (k == "holdout" and v is None)}  # keys as before it
+    relevant = {"student": t.student, "data": data, "optim": t.optim.__dict__,
                 **({"student_options": t.student_options} if t.student_options else {}),
                 "epochs": t.train.epochs, "seed": t.train.seed}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]

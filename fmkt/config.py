@@ -25,6 +25,7 @@ class DataConfig:
     augment: bool = True
     train_subset: int | None = None  # seeded subset of the training split (small CPU runs)
     test_subset: int | None = None
+    holdout: int | None = None  # evaluate on this many training images held out (model selection), not the test split
 
 
 @dataclass
@@ -43,6 +44,7 @@ class MethodConfig:
     loss: str = "dist"  # the FM-KT family's metric loss D, from fmkt.losses.LOSSES
     loss_params: dict = field(default_factory=dict)  # e.g. {temperature: 4.0} for kd
     loss_weight: float = 1.0  # w
+    logit_standardization: bool = False  # LS (Sun et al., CVPR 2024): z-score student and teacher logits before D
     ce_weight: float = 1.0
     label_smoothing: float = 0.0
     online_label_smoothing: float = 0.1  # OFM-KT's per-step CE

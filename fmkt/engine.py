@@ -126,8 +126,11 @@ class Run:
 
 
 def load_data(cfg: Config):
-    """(train, test, DatasetInfo) with the configured subsets, images checked."""
+    """(train, evaluation set, DatasetInfo) with the configured subsets, images checked. With ``data.holdout``
+    the evaluation set is that many training images held out (seeded, stratified), never the test split."""
     train_set, test_set, data = load_dataset(cfg.data.name, cfg.data.dir)
+    if cfg.data.holdout:
+        test_set, train_set = train_set.split(cfg.data.holdout, seed=cfg.train.seed)
     if cfg.data.train_subset:
         train_set = train_set.subset(cfg.data.train_subset, seed=cfg.train.seed)
     if cfg.data.test_subset:
@@ -286,6 +289,13 @@ def end_epoch(run: Run, epoch: int, sums: dict, seen: int, seconds: float) -> No
     checkpoint(run, epoch + 1, 0)
 
 
+def evaluation_split(cfg: Config) -> str:
+    """What the metrics were measured on."""
+    if cfg.data.holdout:
+        return f"{cfg.data.holdout} training images held out (seed {cfg.train.seed}); not the test split"
+    return "test" + (f" ({cfg.data.test_subset}-image subset)" if cfg.data.test_subset else "")
+
+
 def finish(run: Run) -> FitResult:
     """The student artifact (rank 0), once every rank is done."""
     last = run.history[-1]["top1"]
@@ -297,7 +307,7 @@ def finish(run: Run) -> FitResult:
                             dataset={"name": run.data.name, "num_classes": run.data.num_classes,
                                      "class_names": list(run.data.class_names) if run.data.class_names else None},
                             metrics={"last": last, "best": run.best, "epochs": run.cfg.train.epochs,
-                                     "precision": FP32},
+                                     "precision": FP32, "split": evaluation_split(run.cfg)},
                             **distributed_run, **run.extra)
         save_artifact(artifact, run.student.cpu(), spec_of(run.student).to_json(), record)
     if run.world > 1:  # the others wait until rank 0's files are in place (a cached teacher is read next)

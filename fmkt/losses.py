@@ -24,13 +24,28 @@ __all__ = [
     "dist_loss",
     "pkd_loss",
     "mse_loss",
+    "standardize_logits",
     "LOSSES",
     "LossEntry",
     "METRIC_LOSSES",
+    "LOGIT_LOSSES",
     "DEFAULT_LOSS_PARAMS",
     "MetricLoss",
     "build_metric_loss",
 ]
+
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): each row's z-score ``(z - mean) / (eps + std)``.
+
+    logits (B, K); mean and std over the classes of each sample, std unbiased (torch's default, as the authors'
+    ``normalize``), eps = 1e-7 added to the std. Applied to student and teacher alike before the temperature.
+    Computed in fp32 at least (bf16 logits under autocast are promoted first; fp64 stays fp64).
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    mean = logits.mean(dim=-1, keepdim=True)
+    std = logits.std(dim=-1, keepdim=True)
+    return (logits - mean) / (eps + std)
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor, what: str, ndims: tuple[int, ...]) -> None:
@@ -171,19 +186,21 @@ class LossEntry:
     fn: Callable[..., torch.Tensor]
     defaults: dict
     uses_target: bool = False  # needs the labels and DKD's warm-up factor
+    logits: bool = False  # compares (B, K) logits, so logit standardization applies
 
 
 #: The one list of metric losses D (FM-KT's and the baselines'); every entry is trained by
 #: tests/test_registries.py under every method.
 LOSSES: dict[str, LossEntry] = {
-    "kd": LossEntry(kd_loss, {"temperature": 4.0}),
-    "dkd": LossEntry(dkd_loss, {"alpha": 1.0, "beta": 2.0, "temperature": 4.0}, uses_target=True),
-    "dist": LossEntry(dist_loss, {"beta": 2.0, "gamma": 2.0, "tau": 1.0}),
+    "kd": LossEntry(kd_loss, {"temperature": 4.0}, logits=True),
+    "dkd": LossEntry(dkd_loss, {"alpha": 1.0, "beta": 2.0, "temperature": 4.0}, uses_target=True, logits=True),
+    "dist": LossEntry(dist_loss, {"beta": 2.0, "gamma": 2.0, "tau": 1.0}, logits=True),
     "pkd": LossEntry(pkd_loss, {}),
     "mse": LossEntry(mse_loss, {}),
 }
 METRIC_LOSSES: tuple[str, ...] = tuple(LOSSES)  # views of LOSSES, for readers that want only the names ...
 DEFAULT_LOSS_PARAMS: dict[str, dict[str, float]] = {k: dict(v.defaults) for k, v in LOSSES.items()}  # ... or defaults
+LOGIT_LOSSES: tuple[str, ...] = tuple(k for k, v in LOSSES.items() if v.logits)  # ... or those LS applies to
 
 _POSITIVE = ("temperature", "tau")
 
@@ -192,12 +209,15 @@ _POSITIVE = ("temperature", "tau")
 class MetricLoss:
     """A configured metric loss: ``fn(s, t, target=None, warmup_factor=1.0) -> Tensor``.
 
-    Only ``dkd`` uses ``target`` (required) and ``warmup_factor``; the others ignore them.
+    Only ``dkd`` uses ``target`` (required) and ``warmup_factor``; the others ignore them. With ``standardize``
+    (a logit loss only) student and teacher logits are both z-scored by :func:`standardize_logits` first: the
+    one place logit standardization happens, for every logit loss and every method.
     Picklable (unlike a closure), so it survives DDP spawn and checkpoints.
     """
 
     name: str
     params: dict[str, float] = field(default_factory=dict)
+    standardize: bool = False
 
     def __call__(
         self,
@@ -207,6 +227,8 @@ class MetricLoss:
         warmup_factor: float = 1.0,
     ) -> torch.Tensor:
         entry = LOSSES[self.name]
+        if self.standardize:
+            s, t = standardize_logits(s), standardize_logits(t)
         if not entry.uses_target:
             return entry.fn(s, t, **self.params)
         if target is None:
@@ -214,15 +236,19 @@ class MetricLoss:
         return entry.fn(s, t, target, warmup_factor=warmup_factor, **self.params)
 
 
-def build_metric_loss(name: str, **params: Any) -> Callable[..., torch.Tensor]:
-    """A :class:`MetricLoss` for ``name`` with its :data:`LOSSES` defaults overridden by ``params``.
+def build_metric_loss(name: str, standardize: bool = False, **params: Any) -> Callable[..., torch.Tensor]:
+    """A :class:`MetricLoss` for ``name`` with its :data:`LOSSES` defaults overridden by ``params``;
+    ``standardize`` turns on logit standardization (logit losses only).
 
-    Raises :class:`FmktError` for an unknown name, an unknown parameter, a non-numeric value, or a
-    non-positive temperature/tau.
+    Raises :class:`FmktError` for an unknown name, an unknown parameter, a non-numeric value, a
+    non-positive temperature/tau, or ``standardize`` on a loss that does not compare logits.
     """
     key = str(name).strip().lower()
     if key not in LOSSES:
         raise FmktError(f"Unknown metric loss {name!r}: expected one of {', '.join(LOSSES)}.")
+    if standardize and not LOSSES[key].logits:
+        raise FmktError(f"Logit standardization applies to the softmax logit losses ({', '.join(LOGIT_LOSSES)}) "
+                        f"only, not to {key!r}.")
     defaults = LOSSES[key].defaults
     unknown = sorted(set(params) - set(defaults))
     if unknown:
@@ -238,4 +264,4 @@ def build_metric_loss(name: str, **params: Any) -> Callable[..., torch.Tensor]:
         if k in _POSITIVE and v <= 0:
             raise FmktError(f"Parameter {k} of metric loss {key!r} is {v}: expected a positive number.")
         merged[k] = float(v)
-    return MetricLoss(key, merged)
+    return MetricLoss(key, merged, bool(standardize))

@@ -119,6 +119,20 @@ def test_eval_says_why_a_requested_k_was_not_evaluated(tmp_path):
     assert meta["metrics"]["precision"].startswith("fp32") and meta["model"]["default_steps"] == 2
 
 
+def test_holdout_evaluates_on_training_images_and_says_so(tmp_path):
+    """data.holdout (model selection without the test split): the run evaluates on held-out training images and
+    fmkt.json says what its metrics were measured on."""
+    out = tmp_path / "ho"
+    result = invoke("distill", "--epochs", 1, "--out", out, *TINY, "--set", "data.holdout=40")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "artifact" / "fmkt.json").read_text())["metrics"]
+    assert metrics["split"].startswith("40 training images held out") and "not the test split" in metrics["split"]
+    default = invoke("distill", "--epochs", 1, "--out", tmp_path / "d", *TINY)
+    assert json.loads((tmp_path / "d" / "artifact" / "fmkt.json").read_text())["metrics"]["split"] == \
+        "test (48-image subset)"
+    assert default.exit_code == 0
+
+
 def test_nonfinite_loss_names_the_cause(tmp_path, monkeypatch):
     """A NaN loss before any weight update cannot come from the learning rate: the sentence says so (VP +
     feature transfer used to end here with "try a lower --lr")."""

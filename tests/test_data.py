@@ -407,3 +407,21 @@ def test_loader_shards_across_ranks():
         BatchLoader(data, 8, rank=2, world_size=2)
     with pytest.raises(FmktError):
         BatchLoader(data, 0)
+
+
+def test_holdout_split_is_stratified_disjoint_and_seeded():
+    """data.holdout's split: the held-out part is exactly subset(n, seed) (stratified), the rest is everything else,
+    nothing shared, the same for the same seed."""
+    import torch
+
+    from fmkt.data import ImageTensors
+
+    images = torch.arange(120, dtype=torch.float32).view(120, 1, 1, 1)
+    data = ImageTensors(images, torch.arange(120) % 6)
+    held, rest = data.split(30, seed=4)
+    assert len(held) == 30 and len(rest) == 90
+    assert torch.equal(held.images, data.subset(30, seed=4).images)
+    assert torch.bincount(held.labels).tolist() == [5] * 6
+    assert set(held.images.flatten().tolist()).isdisjoint(rest.images.flatten().tolist())
+    assert torch.equal(data.split(30, seed=4)[0].images, held.images)
+    assert not torch.equal(data.split(30, seed=5)[0].images, held.images)

@@ -24,7 +24,8 @@ from fmkt.student import DeployableModel  # noqa: E402
 
 KS = (0, 1, 2, 4, 8)
 SIZE = 12  # resnet8 on 12x12 -> a 3x3 map; the transformer's window 2 then pads, so the masked path is exported
-ENCODER_PARAMS = {"conv": {}, "mlp": {}, "transformer": {"window": 2, "heads": 2, "head_dim": 8}}
+ENCODER_PARAMS = {"conv": {}, "dwconv": {}, "mlp": {},
+                  "transformer": {"window": 2, "heads": 2, "head_dim": 8}}
 
 
 def tiny_model(encoder="conv", schedule="rectified", theta=True, transfer="logits", seed=0):
@@ -54,6 +55,7 @@ def ops_of(graph):
 
 
 CASES = [("conv", "rectified", "logits"), ("conv", "vp", "logits"), ("conv", "ve", "features"),
+         ("dwconv", "rectified", "logits"), ("dwconv", "vp", "features"), ("dwconv", "ve", "logits"),
          ("mlp", "rectified", "features"), ("mlp", "vp", "logits"), ("mlp", "ve", "logits"),
          ("transformer", "rectified", "logits"), ("transformer", "vp", "features"), ("transformer", "ve", "logits")]
 
@@ -83,6 +85,18 @@ def test_onnx_parity_static_graph_and_trt_readiness(encoder, schedule, transfer)
     # linear growth in K: about the same number of nodes per extra step (the folder may share a node or two)
     per_step = [(nodes[2] - nodes[1]) / 1, (nodes[4] - nodes[2]) / 2, (nodes[8] - nodes[4]) / 4]
     assert min(per_step) > 0 and max(per_step) - min(per_step) <= 0.05 * max(per_step), nodes
+
+
+def test_dwconv_exports_its_depthwise_conv_as_a_grouped_conv():
+    """The depthwise 3x3 is an ONNX Conv with group = C (TensorRT's Conv takes a group attribute), one per step."""
+    model = tiny_model("dwconv")
+    channels = model.num_features
+    for k in (1, 4):
+        graph = onnx_graph(model, k)
+        groups = [next((a.i for a in n.attribute if a.name == "group"), 1) for n in graph.graph.node
+                  if n.op_type == "Conv"]
+        assert groups.count(channels) == k and set(groups) == {1, channels}, groups
+        assert ox.trt_readiness(graph) == []
 
 
 def test_time_embeddings_are_precomputed_constants():

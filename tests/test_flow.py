@@ -83,6 +83,22 @@ def test_encoders_keep_shape(name, hw):
     assert enc(x).shape == x.shape
 
 
+def test_dwconv_is_depthwise_then_pointwise_and_a_fraction_of_conv():
+    """dwconv: one depthwise 3x3 (groups = C) and one 1x1; on resnet8x4's 256-channel map ~1/17 of conv's
+    parameters, and its output at a pixel still sees the 3x3 neighbourhood (it is not a per-pixel encoder)."""
+    enc, conv = build_encoder("dwconv", 256), build_encoder("conv", 256)
+    convs = [m for m in enc.modules() if isinstance(m, nn.Conv2d)]
+    assert [(m.kernel_size, m.groups) for m in convs] == [((3, 3), 256), ((1, 1), 1)]
+    n_dw, n_conv = (sum(p.numel() for p in m.parameters()) for m in (enc, conv))
+    assert n_dw == 68_864 and n_conv == 1_180_672
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, requires_grad=True)
+    build_encoder("dwconv", 4)(x)[:, :, 8, 8].sum().backward()
+    grad = x.grad.abs().amax(dim=1)[0]
+    # a neighbour drives the pixel through the 3x3; a far pixel only through GroupNorm(1)'s statistics
+    assert grad[8, 9] > 10 * grad[0, 0] > 0
+
+
 def test_window_attention_ignores_padding():
     """A 5x5 map padded to 8x8 windows: padded keys are masked, so the output equals a tighter padding."""
     torch.manual_seed(0)

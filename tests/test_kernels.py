@@ -191,6 +191,25 @@ def test_dispatcher_falls_back_off_gpu(monkeypatch):
 
 
 @host_test
+def test_whole_sampler_dispatch_refuses_every_encoder_but_mlp(monkeypatch):
+    """Where the kernels could run, ``fused_mlp_sampler`` still returns None (the caller's torch loop) for any
+    registered encoder other than mlp: the whole-sampler kernel implements MLPEncoder only."""
+    pytest.importorskip("triton")
+    from fmkt.flow.encoders import ENCODERS, build_encoder
+
+    ms = importlib.import_module("fmkt.kernels.mlp_sampler")
+    monkeypatch.setattr(kernels, "_kernel_runs_on", lambda *t: True)
+    monkeypatch.setattr(ms, "mlp_sampler_forward", lambda *a: pytest.fail("launched the mlp kernel"))
+    z = torch.randn(2, 8, 3, 3)
+    steps = build_schedule("rectified").steps(2)
+    others = [name for name in ENCODERS if name != "mlp"]
+    assert "dwconv" in others
+    with torch.no_grad():
+        for name in others:
+            assert kernels.fused_mlp_sampler(z, build_encoder(name, 8), TimeEmbedding(8), steps) is None, name
+
+
+@host_test
 def test_cli_kernel_triton_on_cpu_fails_with_a_sentence(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     result = cli("distill", "--kernel", "triton", "--epochs", "1", "--set", "train.device=cpu",
@@ -287,7 +306,7 @@ def test_fused_step_backward_with_only_the_pooled_estimate_used(poisoned, seeded
 
 @kernel_test
 @pytest.mark.parametrize("encoder,schedule,method", [("conv", "rectified", "fmkt"), ("mlp", "vp", "theta"),
-                                                     ("transformer", "ve", "ofmkt")])
+                                                     ("transformer", "ve", "ofmkt"), ("dwconv", "vp", "fmkt")])
 def test_training_step_through_the_fused_path_matches_torch(ops, seeded, monkeypatch, encoder, schedule, method):
     MethodConfig = pytest.importorskip("fmkt.config").MethodConfig  # needs pyyaml
     student = tiny_student(encoder, schedule).to(ops.device)
@@ -375,3 +394,26 @@ def test_cli_kernel_triton_runs_interpreted_or_on_gpu(ops, tmp_path):
                  "--set", "data.test_subset=6", "--set", "method.train_steps=2")
     assert result.exit_code == 0, result.output
     assert set(json.loads((out / "artifact" / "fmkt.json").read_text())["metrics"]["last"]) == {"1", "2"}
+
+
+@kernel_test
+@pytest.mark.parametrize("transfer", ["logits", "features"])
+def test_dwconv_inference_runs_the_loop_with_the_fused_step(ops, seeded, monkeypatch, transfer):
+    """dwconv has no whole-sampler kernel: with the kernels installed, inference is the torch loop whose steps go
+    through the fused Euler step (K launches for K steps), the mlp kernel is never launched, and the logits are
+    those of the torch path."""
+    model = tiny_student("dwconv", "vp", transfer).to(ops.device).eval()
+    images = torch.rand(2, 1, 8, 8, device=ops.device)
+    with torch.no_grad():
+        want = {k: model(images, steps=k) for k in (1, 3)}
+        step_calls = []
+        forward = ops.es.euler_step_forward
+        monkeypatch.setattr(ops.es, "euler_step_forward", lambda *a: step_calls.append(1) or forward(*a))
+        monkeypatch.setattr(ops.ms, "mlp_sampler_forward", lambda *a: pytest.fail("launched the mlp kernel"))
+        kernels.install_step_kernel(model, "triton", ops.device)
+        assert model.sampler_fn is kernels.fused_mlp_sampler  # installed, and it declines dwconv
+        assert model.sampler_fn(model.features(images), model.encoder, model.time_embed,
+                                model.schedule.steps(2), transfer) is None
+        for k, logits in want.items():
+            torch.testing.assert_close(model(images, steps=k), logits, atol=1e-4, rtol=1e-4)
+    assert len(step_calls) == 1 + 3

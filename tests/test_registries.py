@@ -25,17 +25,27 @@ def _student(method):
     return build_student(spec)
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
-@pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_trains_one_step_with_every_loss(method, loss):
+def _cases():
+    """Every method x every loss with logit standardization off, and on wherever the method's D is a logit loss
+    (a flow method's D is method.loss; a baseline's is its own loss, whatever method.loss says)."""
+    for method, m in METHODS.items():
+        for loss, entry in LOSSES.items():
+            yield pytest.param(method, loss, False, id=f"{method}-{loss}")
+            if entry.logits and (m.flow or m.options.get("loss_name") == loss):
+                yield pytest.param(method, loss, True, id=f"{method}-{loss}-ls")
+
+
+@pytest.mark.parametrize("method,loss,ls", list(_cases()))
+def test_every_method_trains_one_step_with_every_loss(method, loss, ls):
     torch.manual_seed(0)
     m = METHODS[method]
     teacher = None
     if m.needs_teacher:
         teacher = build_student(StudentSpec(arch="resnet8", num_classes=5, channels=1, size=(8, 8), mean=MEAN,
                                             std=STD)).eval()
-    cfg = MethodConfig(name=method, loss=loss, train_steps="2", dkd_warmup_epochs=0)
+    cfg = MethodConfig(name=method, loss=loss, train_steps="2", dkd_warmup_epochs=0, logit_standardization=ls)
     distiller = build_distiller(cfg, _student(method), teacher, input_shape=(1, 8, 8)).train()
+    assert getattr(getattr(distiller, "metric", None), "standardize", False) is ls  # LS reached the metric loss
     params = [p for p in distiller.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     opt = torch.optim.SGD(params, lr=0.01)

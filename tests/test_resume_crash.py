@@ -164,3 +164,17 @@ def test_a_killed_writers_temporary_file_is_cleared_on_resume(tmp_path):
     removed = remove_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == [".checkpoint.pt.abc123.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-but-ours-not", "checkpoint.pt"]
+
+
+def test_a_checkpoint_older_than_a_config_key_still_resumes():
+    """A checkpoint written before a config key existed lacks it: the key counts as its default, so the resume is
+    not refused, while a real change still is."""
+    from fmkt.checkpoint import config_diff
+    from fmkt.config import Config
+
+    new = Config().to_dict()
+    old = Config().to_dict()
+    del old["method"]["logit_standardization"], old["data"]["holdout"], old["train"]["fast_path"]
+    assert config_diff(old, new) == []
+    new["method"]["logit_standardization"] = True
+    assert config_diff(old, new) == ["method.logit_standardization"]

@@ -71,6 +71,22 @@ class ImageTensors:
             raise FmktError(f"subset size {n} is negative: expected a count >= 0.")
         if n >= total:
             return ImageTensors(self.images.clone(), self.labels.clone())
+        chosen = self._stratified(n, seed)
+        return ImageTensors(self.images[chosen], self.labels[chosen])
+
+    def split(self, n: int, seed: int = 0) -> tuple["ImageTensors", "ImageTensors"]:
+        """(the seeded stratified ``subset(n, seed)``, every other item): a held-out split and the rest."""
+        if not 0 < n < len(self):
+            raise FmktError(f"cannot hold out {n} of {len(self)} images: expected 0 < n < {len(self)}.")
+        chosen = self._stratified(n, seed)
+        rest = torch.ones(len(self), dtype=torch.bool)
+        rest[chosen] = False
+        return ImageTensors(self.images[chosen], self.labels[chosen]), ImageTensors(self.images[rest],
+                                                                                     self.labels[rest])
+
+    def _stratified(self, n: int, seed: int) -> torch.Tensor:
+        """The sorted indices of ``subset(n, seed)``."""
+        total = len(self)
         gen = torch.Generator().manual_seed(int(seed))
         perm = torch.randperm(total, generator=gen)
         labels = self.labels[perm]
@@ -89,8 +105,7 @@ class ImageTensors:
         count[order] = count_of
         key = (rank.double() + 0.5) / count.double()
         chosen = perm[torch.argsort(key, stable=True)[:n]]
-        chosen, _ = torch.sort(chosen)
-        return ImageTensors(self.images[chosen], self.labels[chosen])
+        return torch.sort(chosen)[0]
 
 
 def check_images(

@@ -20,7 +20,7 @@ class LogitKDDistiller(Distiller):
 
     def __init__(self, student, teacher, cfg, input_shape=None, loss_name: str = "kd"):
         super().__init__(student, teacher, cfg, input_shape)
-        self.metric = build_metric_loss(loss_name, **cfg.loss_params)
+        self.metric = build_metric_loss(loss_name, standardize=cfg.logit_standardization, **cfg.loss_params)
 
     def forward_train(self, images, labels, progress=0.0):
         logits = self.student(images)

@@ -50,7 +50,7 @@ class FMKTDistiller(Distiller):
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         if not student.is_flow:
             raise FmktError("FM-KT needs a student built with a meta-encoder.")
-        self.metric = build_metric_loss(cfg.loss, **cfg.loss_params)
+        self.metric = build_metric_loss(cfg.loss, standardize=cfg.logit_standardization, **cfg.loss_params)
         self.train_step_choices = cfg.train_step_choices()
         self.teacher_projection = None
         if student.transfer == "features":

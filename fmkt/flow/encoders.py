@@ -57,6 +57,30 @@ class ConvEncoder(nn.Module):
         return self.net(x)
 
 
+class DWConvEncoder(nn.Module):
+    """The light one: ``conv`` with each dense Conv3x3 split into its depthwise and pointwise halves, and only one
+    of each kept: SiLU, depthwise Conv3x3 (groups=C), GroupNorm(1), SiLU, Conv1x1.
+
+    Per step on a C x H x W map: (9 + C) * C * H * W MACs against conv's 18 * C^2 * H * W, i.e. ~17x fewer at
+    C = 256 (resnet8x4's 256 x 8 x 8: 4.3 M vs 75.5 M MACs, 69 k vs 1.18 M parameters). The 3x3 mixes space per
+    channel, the 1x1 mixes channels per pixel. In ONNX the depthwise conv is a Conv with ``group`` = C (TensorRT
+    builds it as such).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels),
+            nn.GroupNorm(1, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 1),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over the channel axis of a (B, C, H, W) map, per pixel."""
 
@@ -151,7 +175,7 @@ class WindowAttentionEncoder(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
-ENCODERS = {"conv": ConvEncoder, "mlp": MLPEncoder, "transformer": WindowAttentionEncoder}
+ENCODERS = {"conv": ConvEncoder, "dwconv": DWConvEncoder, "mlp": MLPEncoder, "transformer": WindowAttentionEncoder}
 
 
 def build_encoder(name: str, channels: int, **kwargs) -> nn.Module:

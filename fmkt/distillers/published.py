@@ -1,0 +1,157 @@
+"""PUBLISHED: each method at its authors' published CIFAR-100 settings, with where every number comes from.
+
+One entry per method (and per method with logit standardization, "+ls"): the ``method`` section (MethodConfig
+fields), the optimiser (OptimConfig fields), the batch size, the source (file path and commit of the authors'
+repository) and any per-pair difference, keyed by (teacher, student). ``settings(key, teacher, student)`` gives the
+config overrides (nested like a YAML recipe); ``scripts/make_recipes.py`` writes the shipped recipes
+``fmkt/recipes/cifar100_<teacher>_<student>[_<key>].yaml`` from here, so the numbers live in this file only.
+
+The repositories (every path below is inside one of them, at the commit named):
+- mdistiller: github.com/megvii-research/mdistiller @ a08d46f10d6102bd6e3f258ca5ac880b020ea259 (KD, DKD).
+- DIST: github.com/hunto/DIST_KD @ 2418f18b1fedd7c2646a7b1b9a27d5c674c2170b, whose ``classification`` submodule is
+  github.com/hunto/image_classification_sota @ d9662f7df68fe46b973c4580b7c9b896cedcd301.
+- LS: github.com/sunshangquan/logit-standardization-KD @ f6e5aa5172bad618e801163c3385322eea673754 (mdistiller-based).
+- FM-KT: the authors' code is not mirrored here; docs/method.md holds its settings in our words.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+MDISTILLER = "megvii-research/mdistiller@a08d46f10d6102bd6e3f258ca5ac880b020ea259"
+DIST_KD = "hunto/DIST_KD@2418f18b1fedd7c2646a7b1b9a27d5c674c2170b"
+DIST_CLS = "hunto/image_classification_sota@d9662f7df68fe46b973c4580b7c9b896cedcd301"
+LS_KD = "sunshangquan/logit-standardization-KD@f6e5aa5172bad618e801163c3385322eea673754"
+
+#: The CIFAR-100 (teacher, student) pairs fmkt ships recipes for (mdistiller/RepDistiller's names).
+CIFAR100_PAIRS: tuple[tuple[str, str], ...] = (
+    ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"), ("vgg13", "vgg8"))
+
+# The CIFAR-100 solver of mdistiller's KD/DKD configs (configs/cifar100/kd.yaml, configs/cifar100/dkd/*.yaml), of
+# the LS authors' (the same files in their fork) and of DIST's dist_cifar.yaml (warm-up at the base lr for 120
+# epochs, then x0.1 every 30: the same milestones): SGD momentum 0.9 without Nesterov (mdistiller/engine/trainer.py:
+# optim.SGD(lr, momentum, weight_decay); DIST: sgd_no_nesterov), lr 0.05, x0.1 at epochs 150/180/210
+# (mdistiller/engine/utils.py adjust_learning_rate), wd 5e-4 on every parameter, batch 64, 240 epochs.
+CIFAR_SGD = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,
+             "scheduler": "multistep", "milestones": [150, 180, 210], "gamma": 0.1, "warmup_epochs": 0.0}
+FMKT_SGD = {**CIFAR_SGD, "nesterov": True}  # docs/method.md: the same solver with Nesterov, batch 128
+
+
+@dataclass(frozen=True)
+class Pair:
+    """What one (teacher, student) pair sets differently from the method's settings, and where that is said."""
+
+    method: dict  # MethodConfig fields (a dict value, such as loss_params, is merged key by key)
+    source: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One method at its published settings: config sections to override, and where each number comes from."""
+
+    method: dict  # MethodConfig fields
+    optim: dict  # OptimConfig fields
+    batch_size: int
+    source: str  # file paths @ commit
+    per_pair: dict = field(default_factory=dict)  # {(teacher, student): Pair}
+    note: str = ""  # what is ours, not the authors' (said in every recipe written from it)
+    epochs: int = 240
+
+    def overrides(self, teacher: str, student: str) -> dict:
+        """The config overrides for one pair, nested as a YAML recipe holds them."""
+        method = copy.deepcopy(self.method)
+        pair = self.per_pair.get((teacher, student))
+        for key, value in (pair.method if pair else {}).items():
+            method[key] = {**method.get(key, {}), **value} if isinstance(value, dict) else value
+        return {"student": student, "data": {"batch_size": self.batch_size}, "teacher": {"arch": teacher},
+                "method": method, "optim": copy.deepcopy(self.optim), "train": {"epochs": self.epochs}}
+
+
+def _ls_dkd(base_temp: float, kd_weight: float, beta: float) -> dict:
+    """The LS authors' DKD (tools/train.py with --logit-stand): ALPHA and BETA times --kd-weight, T = --base-temp."""
+    return {"loss_params": {"alpha": 1.0 * kd_weight, "beta": beta * kd_weight, "temperature": base_temp}}
+
+
+def _dkd_beta(config: str, beta: float) -> Pair:
+    return Pair({"loss_params": {"beta": beta}}, f"{MDISTILLER}: configs/cifar100/dkd/{config}.yaml "
+                f"({'BETA ' + str(beta) if beta != 8.0 else 'no BETA: cfg.py BETA 8.0'})")
+
+
+def _ls_log(kind: str, teacher: str, student: str, temp: float, weight: float, beta: float | None = None) -> Pair:
+    """A pair of the LS README's table: its log file is named KD_TYPE,TEACHER,STUDENT,BASE_TEMP,KD_WEIGHT[,BETA]."""
+    name = f"{kind},{teacher},{student},{temp:g},{weight:g}" + (f",{beta:.1f}" if beta is not None else "")
+    if kind == "kd":
+        return Pair({"loss_params": {"temperature": temp}, "loss_weight": weight}, f"{LS_KD}: logs/KD/{name}.txt")
+    return Pair(_ls_dkd(temp, weight, 8.0 if beta is None else beta),
+                f"{LS_KD}: logs/DKD/{name}.txt" + ("" if beta is not None else " (BETA: cfg.py's 8.0)"))
+
+
+PUBLISHED: dict[str, Settings] = {
+    "kd": Settings(
+        {"name": "kd", "loss_params": {"temperature": 4.0}, "ce_weight": 0.1, "loss_weight": 0.9},
+        CIFAR_SGD, 64,
+        f"{MDISTILLER}: mdistiller/engine/cfg.py (KD.TEMPERATURE 4, KD.LOSS.CE_WEIGHT 0.1, KD.LOSS.KD_WEIGHT 0.9), "
+        "configs/cifar100/kd.yaml (solver), mdistiller/engine/trainer.py (SGD without Nesterov)"),
+    "dkd": Settings(
+        {"name": "dkd", "loss_params": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}, "ce_weight": 1.0,
+         "loss_weight": 1.0, "dkd_warmup_epochs": 20.0},
+        CIFAR_SGD, 64,
+        f"{MDISTILLER}: mdistiller/engine/cfg.py (DKD.CE_WEIGHT 1, ALPHA 1, BETA 8, T 4, WARMUP 20), "
+        "configs/cifar100/dkd/<pair>.yaml (solver, BETA per pair), mdistiller/engine/trainer.py (SGD without "
+        "Nesterov)",
+        per_pair={("resnet32x4", "resnet8x4"): _dkd_beta("res32x4_res8x4", 8.0),
+                  ("wrn_40_2", "wrn_16_2"): _dkd_beta("wrn40_2_wrn_16_2", 6.0),
+                  ("resnet56", "resnet20"): _dkd_beta("res56_res20", 2.0),
+                  ("vgg13", "vgg8"): _dkd_beta("vgg13_vgg8", 6.0)}),
+    "dist": Settings(
+        {"name": "dist", "loss_params": {"beta": 1.0, "gamma": 1.0, "tau": 4.0}, "ce_weight": 1.0,
+         "loss_weight": 2.0},
+        CIFAR_SGD, 64,
+        f"{DIST_KD}: README.md (CIFAR-100: configs/strategies/distill/dist_cifar.yaml for every pair); "
+        f"{DIST_CLS}: configs/strategies/distill/dist_cifar.yaml (kd: dist_t4, ori_loss_weight 1, kd_loss_weight 2, "
+        "batch 64, lr 0.05 held 120 epochs then x0.1 every 30 = at 150/180/210, wd 5e-4, sgd_no_nesterov), "
+        "lib/models/losses/kd_loss.py (dist_t4 = DIST(beta=1, gamma=1, tau=4))"),
+    "kd+ls": Settings(
+        {"name": "kd", "loss_params": {"temperature": 2.0}, "ce_weight": 0.1, "loss_weight": 9.0,
+         "logit_standardization": True},
+        CIFAR_SGD, 64,
+        f"{LS_KD}: README.md (KD+Ours: --logit-stand --base-temp 2 --kd-weight 9), tools/train.py (KD.TEMPERATURE = "
+        "--base-temp, KD.LOSS.KD_WEIGHT = --kd-weight), mdistiller/engine/cfg.py (KD.LOSS.CE_WEIGHT 0.1), "
+        "configs/cifar100/kd/<pair>.yaml (solver)",
+        per_pair={("resnet32x4", "resnet8x4"): _ls_log("kd", "resnet32x4", "resnet8x4", 2.0, 9.0),
+                  ("wrn_40_2", "wrn_16_2"): _ls_log("kd", "wrn_40_2", "wrn_16_2", 2.0, 9.0),
+                  ("resnet56", "resnet20"): _ls_log("kd", "resnet56", "resnet20", 2.0, 9.0),
+                  ("vgg13", "vgg8"): _ls_log("kd", "vgg13", "vgg8", 3.0, 9.0)}),
+    "dkd+ls": Settings(
+        {"name": "dkd", "ce_weight": 1.0, "loss_weight": 1.0, "dkd_warmup_epochs": 20.0,
+         "logit_standardization": True, **_ls_dkd(2.0, 9.0, 8.0)},
+        CIFAR_SGD, 64,
+        f"{LS_KD}: README.md (DKD+Ours: --logit-stand --base-temp 2 --kd-weight 9), tools/train.py (DKD.ALPHA and "
+        "DKD.BETA times --kd-weight, DKD.T = --base-temp), mdistiller/engine/cfg.py (DKD BETA 8, CE_WEIGHT 1, "
+        "WARMUP 20), configs/cifar100/dkd/<pair>.yaml (solver)",
+        per_pair={("resnet32x4", "resnet8x4"): _ls_log("dkd", "resnet32x4", "resnet8x4", 2.0, 9.0),
+                  ("wrn_40_2", "wrn_16_2"): _ls_log("dkd", "wrn_40_2", "wrn_16_2", 2.0, 12.0, 2.0),
+                  ("resnet56", "resnet20"): _ls_log("dkd", "resnet56", "resnet20", 3.0, 18.0, 2.0),
+                  ("vgg13", "vgg8"): _ls_log("dkd", "vgg13", "vgg8", 2.0, 15.0, 2.0)}),
+    "fmkt": Settings(
+        {"name": "fmkt", "loss": "dist", "loss_params": {"beta": 2.0, "gamma": 2.0, "tau": 1.0}, "ce_weight": 1.0,
+         "loss_weight": 1.0, "encoder": "conv", "schedule": "rectified", "train_steps": "8",
+         "eval_steps": [1, 2, 4, 8]},
+        FMKT_SGD, 128,
+        "docs/method.md (FM-KT's settings from the authors' code, which is not mirrored here: D = DIST with "
+        "beta = gamma = 2, tau = 1, rectified flow, N = 8; SGD Nesterov 0.9, batch 128, 240 epochs, x0.1 at "
+        "150/180/210, lr 0.05 and wd 5e-4, the docs' values for small students)"),
+    "fmkt+ls": Settings(
+        {"name": "fmkt", "loss": "dist", "loss_params": {"beta": 2.0, "gamma": 2.0, "tau": 1.0}, "ce_weight": 1.0,
+         "loss_weight": 1.0, "encoder": "conv", "schedule": "rectified", "train_steps": "8",
+         "eval_steps": [1, 2, 4, 8], "logit_standardization": True},
+        FMKT_SGD, 128,
+        "the fmkt entry (docs/method.md) with logit standardization on",
+        note="no paper publishes FM-KT with LS: this is FM-KT's published setting plus LS (whose authors publish no "
+             "DIST weights), not a published number"),
+}
+
+
+def settings(key: str, teacher: str, student: str) -> dict:
+    """The config overrides of PUBLISHED[key] for the pair (teacher, student)."""
+    return PUBLISHED[key].overrides(teacher, student)
