@@ -2,12 +2,16 @@
 
     python benchmarks/train_speed.py --device cuda --out DIR      # the GPU table (~2-3 minutes on an H100)
     python benchmarks/train_speed.py --device cpu --out DIR       # CPU rows (2 cores: ~2 minutes)
+    python benchmarks/train_speed.py --device cuda --imagenet     # resnet34 -> resnet18, 224 x 224, batch 256
 
 Setting (issue 14's): resnet32x4 teacher -> resnet8x4 student, Fashion-MNIST-shaped data (1 x 28 x 28, 10 classes,
 random images in memory, the dataset's crop augmentation), SGD (Nesterov) with the per-iteration cosine LR, bf16
 autocast on CUDA. Methods none, kd, dist, fmkt (DIST, conv, rectified, N = 8) and theta; paths ``eager`` (the
 engine's step with the data on the host, as before the fast path) and ``fast`` (data on the GPU, the step captured
 as one CUDA graph: fmkt.capture); kernel torch and triton for the flow methods on CUDA; batch 128 and 512.
+``--imagenet`` (issue 16): the paper's ImageNet pair, resnet34 -> resnet18 at 3 x 224 x 224 with 1000 classes,
+batch 256, methods none, kd and fmkt, no augmentation in the step (an image folder's workers deliver the batches
+ready: benchmarks/loader_speed.py measures them); writes train_speed_<device>_imagenet.json.
 Each row runs the engine's own pieces (BatchLoader, build_optimizer, train_step / CapturedStep): warm-up steps
 (the capture included), then timed steps, wall clock with the GPU synchronised (bench.timing, the one harness).
 FLOPs per step are counted once per method (torch.utils.flop_counter on an eager step: forward and backward), so
@@ -22,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,38 +52,74 @@ LEFT_OUT = {"dkd": "a KD step with another loss", "ofmkt": "an FM-KT step withou
 METHOD_ROWS = [m for m in METHODS if m not in LEFT_OUT]
 
 
-def setup(method: str, batch: int, device, kernel: str, steps: int, data_on_device: bool, small: bool):
+@dataclass(frozen=True)
+class Setting:
+    """The models and data shape a table is measured on."""
+    name: str
+    teacher: str
+    student: str
+    channels: int
+    size: int
+    classes: int
+    augment: bool  # the dataset's crop augmentation in the step's loader (False: a worker-decoded folder's batches)
+    batches: tuple
+    methods: tuple | None = None  # None: METHOD_ROWS
+
+
+SETTINGS = {
+    "default": Setting("resnet32x4 -> resnet8x4, 1x28x28, 10 classes", "resnet32x4", "resnet8x4", 1, 28, 10,
+                       True, (128, 512)),
+    "small": Setting("resnet8 -> resnet8 (smoke), 1x28x28, 10 classes", "resnet8", "resnet8", 1, 28, 10, True,
+                     (128, 512)),
+    # issue 16: the paper's ImageNet pair at the field's batch; the folder loader delivers the batches (no augment here)
+    "imagenet": Setting("resnet34 -> resnet18, 3x224x224, 1000 classes", "resnet34", "resnet18", 3, 224, 1000,
+                        False, (256,), ("none", "kd", "fmkt")),
+}
+DATA_BATCHES = 4  # distinct batches held (cycled): ImageNet-shaped data for every timed step would be GBs
+
+
+def setup(method: str, batch: int, device, kernel: str, steps: int, data_on_device: bool, st: Setting):
     cfg = Config()
     cfg.method.name, cfg.method.loss, cfg.method.train_steps = method, "dist", "8"
     cfg.optim.lr, cfg.train.epochs = 0.05, 1
     info = dataset_info("fashion-mnist")
     torch.manual_seed(0)
-    common = dict(num_classes=10, channels=1, size=(28, 28), mean=info.mean, std=info.std)
+    mean, std = (info.mean, info.std) if st.channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    common = dict(num_classes=st.classes, channels=st.channels, size=(st.size, st.size), mean=mean, std=std)
     m = METHODS[method]
-    t_arch, s_arch = ("resnet8", "resnet8") if small else ("resnet32x4", "resnet8x4")
-    teacher = build_student(StudentSpec(arch=t_arch, **common)).to(device).eval() if m.needs_teacher else None
-    student = build_student(StudentSpec(arch=s_arch, encoder="conv" if m.flow else None, theta_head=m.theta,
+    teacher = build_student(StudentSpec(arch=st.teacher, **common)).to(device).eval() if m.needs_teacher else None
+    student = build_student(StudentSpec(arch=st.student, encoder="conv" if m.flow else None, theta_head=m.theta,
                                         default_steps=8, **common)).to(device)
     install_step_kernel(student, kernel, device)
-    distiller = build_distiller(cfg.method, student, teacher, input_shape=(1, 28, 28)).to(device).train()
+    shape = (st.channels, st.size, st.size)
+    distiller = build_distiller(cfg.method, student, teacher, input_shape=shape).to(device).train()
     gen = torch.Generator().manual_seed(0)
-    n = batch * steps
-    data = ImageTensors(torch.rand(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen))
-    loader = BatchLoader(data.to(device) if data_on_device else data, batch, shuffle=True, augment_info=info,
-                         seed=0, drop_last=True)
+    n = batch * min(steps, DATA_BATCHES)
+    data = ImageTensors(torch.rand(n, *shape, generator=gen), torch.randint(0, st.classes, (n,), generator=gen))
+    loader = BatchLoader(data.to(device) if data_on_device else data, batch, shuffle=True,
+                         augment_info=info if st.augment else None, seed=0, drop_last=True)
     opt = build_optimizer(cfg, distiller.parameters())
     return cfg, distiller, loader, opt, build_scheduler(cfg, opt, len(loader))
 
 
-def row(method, path, kernel, batch, device, warmup, iters, small) -> dict:
+def cycle(loader):
+    """The loader's batches, epoch after epoch (a fresh permutation each)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def row(method, path, kernel, batch, device, warmup, iters, st: Setting) -> dict:
     cuda = device.type == "cuda"
     fast = path == "fast"
-    cfg, d, loader, opt, sched = setup(method, batch, device, kernel, warmup + iters, fast, small)
+    cfg, d, loader, opt, sched = setup(method, batch, device, kernel, warmup + iters, fast, st)
     amp = cuda
     refusal = capture_refusal(cfg, device, 1, METHODS[method]) if fast else None
     step = CapturedStep(d, opt, sched, amp) if fast and refusal is None else \
         (lambda i, y, p: train_step(d, opt, sched, i, y, p, amp))
-    batches = iter(loader)
+    batches = cycle(loader)
 
     def one():
         images, labels = next(batches)
@@ -98,21 +139,21 @@ def row(method, path, kernel, batch, device, warmup, iters, small) -> dict:
             **({"note": note} if note else {})}
 
 
-def flops_per_step(method: str, batch: int, device, small: bool) -> float:
+def flops_per_step(method: str, batch: int, device, st: Setting) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg, d, loader, opt, sched = setup(method, batch, device, "torch", 1, False, small)
+    cfg, d, loader, opt, sched = setup(method, batch, device, "torch", 1, False, st)
     images, labels = next(iter(loader))
     with FlopCounterMode(display=False) as counter:
         train_step(d, opt, None, images.to(device), labels.to(device), 0.0, False)
     return float(counter.get_total_flops())
 
 
-def plan(device, quick: bool):
+def plan(device, quick: bool, st: Setting):
     paths = ["eager", "fast"] if device.type == "cuda" else ["eager"]
-    batches = [128] if quick else [128, 512]
+    batches = st.batches[:1] if quick else st.batches
     for batch in batches:
-        for method in METHOD_ROWS:
+        for method in st.methods or METHOD_ROWS:
             kernels = ["torch", "triton"] if device.type == "cuda" and METHODS[method].flow else ["torch"]
             for kernel in kernels:
                 for path in paths:
@@ -143,22 +184,27 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--quick", action="store_true", help="batch 128 only")
+    ap.add_argument("--quick", action="store_true", help="the setting's first batch size only")
     ap.add_argument("--small", action="store_true", help="resnet8 models (a CPU smoke run, not the issue's setting)")
+    ap.add_argument("--imagenet", action="store_true", help="resnet34 -> resnet18 at 224 x 224, batch 256 (issue 16)")
+    ap.add_argument("--batch", default=None, help="comma list: other batch sizes than the setting's (e.g. a smoke run)")
     args = ap.parse_args(argv)
+    st = SETTINGS["imagenet" if args.imagenet else "small" if args.small else "default"]
+    if args.batch:
+        st = replace(st, batches=tuple(int(b) for b in args.batch.split(",")))
     device = torch.device(args.device)
     env = environment(device)
     gpu = env["machine"].get("gpu") or ""
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
-    flops = {(m, b): flops_per_step(m, b, device, args.small) for m in METHOD_ROWS
-             for b in ([128] if args.quick else [128, 512])}
+    flops = {(m, b): flops_per_step(m, b, device, st) for m in st.methods or METHOD_ROWS
+             for b in (st.batches[:1] if args.quick else st.batches)}
     rows = []
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = "cpu" if device.type == "cpu" else gpu.lower().replace(" ", "-")
-    for method, path, kernel, batch in plan(device, args.quick):
-        r = row(method, path, kernel, batch, device, args.warmup, args.iters, args.small)
+    slug = ("cpu" if device.type == "cpu" else gpu.lower().replace(" ", "-")) + ("_imagenet" if args.imagenet else "")
+    for method, path, kernel, batch in plan(device, args.quick, st):
+        r = row(method, path, kernel, batch, device, args.warmup, args.iters, st)
         r["peak_bf16_tflops"] = peak
         rows.append(r)
         if r["ms_per_step"] is None:
@@ -168,16 +214,15 @@ def main(argv=None) -> int:
         print(f"{method:6s} {path:5s} {kernel:6s} batch {batch:4d}: {r['images_per_s']:9.1f} img/s  "
               f"{r['ms_per_step']:8.3f} ms/step  {r['tflops']:7.2f} TFLOP/s" + (f" of {peak}" if peak else "")
               + (f"  ({r['note']})" if r.get("note") else ""), flush=True)
-        write(out, slug, rows, env, args, device, t0)  # after every row: a cut-off run keeps what it measured
-    result = write(out, slug, rows, env, args, device, t0)
+        write(out, slug, rows, env, args, device, t0, st)  # after every row: a cut-off run keeps what it measured
+    result = write(out, slug, rows, env, args, device, t0, st)
     print("ratios:", json.dumps(result["ratios"]))
     return 0
 
 
-def write(out: Path, slug: str, rows: list, env: dict, args, device, t0: float) -> dict:
+def write(out: Path, slug: str, rows: list, env: dict, args, device, t0: float, st: Setting) -> dict:
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": env,
-              "setting": ("resnet8 -> resnet8 (smoke)" if args.small else "resnet32x4 -> resnet8x4") +
-              ", 1x28x28, 10 classes, SGD Nesterov + cosine, " + ("bf16 autocast" if device.type == "cuda" else
+              "setting": st.name + ", SGD Nesterov + cosine, " + ("bf16 autocast" if device.type == "cuda" else
                                                                    "fp32"),
               "warmup": args.warmup, "iters": args.iters, "seconds": round(time.perf_counter() - t0, 1),
               "rows": rows, "ratios": summarise(rows)}

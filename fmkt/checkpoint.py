@@ -17,7 +17,8 @@ from fmkt.optim import lr_onto_device
 
 CHECKPOINT = "checkpoint.pt"
 # Keys that may change between a run and its --resume (they do not change the result).
-RESUME_FREE_KEYS = {"out", "train.device", "train.threads", "train.kernel", "train.fast_path"}
+RESUME_FREE_KEYS = {"out", "train.device", "train.threads", "train.kernel", "train.fast_path", "train.log",
+                    "data.workers"}
 CHECKPOINT_KEYS = ("epoch", "step_in_epoch", "model", "optimizer", "scheduler", "rng", "config", "history", "best")
 
 

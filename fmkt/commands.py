@@ -17,14 +17,15 @@ from rich.console import Console
 from fmkt.artifact import is_artifact, load_artifact
 from fmkt.capture import MODES as FAST_PATH_MODES
 from fmkt.checkpoint import CHECKPOINT
-from fmkt.config import Config, MethodConfig
-from fmkt.data import dataset_info, load_dataset
+from fmkt.config import Config, DataConfig, MethodConfig
+from fmkt.data import data_options, dataset_info, is_folder, load_dataset
 from fmkt.distillers import METHODS, check_method
 from fmkt.engine import FitResult, fit, student_spec
 from fmkt.errors import FmktError
 from fmkt.evaluation import eval_keys, evaluate
 from fmkt.files import check_output_dir
 from fmkt.import_paths import is_import_path, resolve
+from fmkt.logs import LOGGERS, check_logger
 from fmkt.optim import LR_SCHEDULES, OPTIMIZERS
 from fmkt.runtime import FP32, distributed, env_rank, resolve_device
 from fmkt.student import TRANSFERS, build_student
@@ -77,6 +78,8 @@ def check_config(cfg: Config) -> Config:
     _check_name(cfg.optim.scheduler, LR_SCHEDULES, "optim.scheduler")
     _check_name(cfg.train.kernel, KERNEL_MODES, "train.kernel")
     _check_name(cfg.train.fast_path, FAST_PATH_MODES, "train.fast_path")
+    _check_name(cfg.train.log, LOGGERS, "train.log")
+    check_logger(cfg.train.log)
     models = list_models()
     for value, key in [(cfg.student, "student"), (cfg.teacher.arch, "teacher.arch")]:
         if is_import_path(value):
@@ -88,12 +91,21 @@ def check_config(cfg: Config) -> Config:
         bad = sorted(set(options) - set(ADAPTER_OPTIONS))
         if bad:
             raise FmktError(f"unknown config key '{key}.{bad[0]}'; valid keys here: {', '.join(ADAPTER_OPTIONS)}.")
-    data = dataset_info(cfg.data.name, cfg.data.dir)
+    check_data_keys(cfg.data)
+    data = dataset_info(cfg.data.name, cfg.data.dir, **data_options(cfg.data))
     for arch, options in [(cfg.student, cfg.student_options), (cfg.teacher.arch, cfg.teacher.options)]:
         if is_import_path(arch):  # the factory runs and its model takes one dry-run batch, before any work
             create_backbone(arch, num_classes=data.num_classes, in_channels=data.in_channels,
                             input_size=data.image_size, options=options, check_head=False)
     return cfg
+
+
+def check_data_keys(d: DataConfig) -> None:
+    """data.image_size sizes an image folder's crops; other datasets keep their own size (a change is refused)."""
+    if d.image_size != DataConfig.image_size and not is_folder(d.name):
+        size = "x".join(map(str, dataset_info(d.name, d.dir).image_size))
+        raise FmktError(f"data.image_size applies to --data imagefolder only; {d.name} images stay {size}, so leave "
+                        f"data.image_size at {DataConfig.image_size}.")
 
 
 def configure(config_file: str | None, overrides: list[dict]) -> Config:
@@ -134,8 +146,14 @@ def teacher_config(cfg: Config) -> Config:
     return t
 
 
+# data keys added after teachers were first cached: left out of the key at their defaults (so a cached teacher keeps
+# its key), and data.workers always (it never changes what is trained)
+_LATER_DATA_KEYS = {"holdout": None, "image_size": DataConfig.image_size, "mean": [], "std": []}
+
+
 def teacher_cache_key(t: Config) -> str:
-    data = {k: v for k, v in t.data.__dict__.items() if not (k == "holdout" and v is None)}  # keys as before it
+    data = {k: v for k, v in t.data.__dict__.items()
+            if k != "workers" and not (k in _LATER_DATA_KEYS and v == _LATER_DATA_KEYS[k])}
     relevant = {"student": t.student, "data": data, "optim": t.optim.__dict__,
                 **({"student_options": t.student_options} if t.student_options else {}),
                 "epochs": t.train.epochs, "seed": t.train.seed}
@@ -144,7 +162,7 @@ def teacher_cache_key(t: Config) -> str:
 
 def obtain_teacher(cfg: Config, console: Console):
     """Load cfg.teacher.path, or train the default teacher once and reuse it from the cache."""
-    data = dataset_info(cfg.data.name, cfg.data.dir)
+    data = dataset_info(cfg.data.name, cfg.data.dir, **data_options(cfg.data))
     device = resolve_device(cfg.train.device)
     common = dict(num_classes=data.num_classes, in_channels=data.in_channels, mean=data.mean, std=data.std,
                   device=device, input_size=data.image_size)
@@ -164,7 +182,7 @@ def obtain_teacher(cfg: Config, console: Console):
 
 
 def teacher_accuracy(teacher, cfg: Config) -> float:
-    _, test, _ = load_dataset(cfg.data.name, cfg.data.dir)
+    _, test, _ = load_dataset(cfg.data.name, cfg.data.dir, **data_options(cfg.data))
     if cfg.data.test_subset:
         test = test.subset(cfg.data.test_subset, seed=0)
     device = resolve_device(cfg.train.device)
@@ -209,7 +227,7 @@ def _distill(cfg: Config, resume: bool, console: Console) -> FitResult:
 
         install_step_kernel(None, "triton", resolve_device(cfg.train.device))
     if is_import_path(cfg.student):  # a student FM-KT cannot use is refused before a teacher is trained
-        build_student(student_spec(cfg, dataset_info(cfg.data.name, cfg.data.dir)))
+        build_student(student_spec(cfg, dataset_info(cfg.data.name, cfg.data.dir, **data_options(cfg.data))))
     teacher, record = None, None
     if METHODS[cfg.method.name].needs_teacher:
         teacher, record = obtain_teacher(cfg, console)
@@ -226,8 +244,8 @@ def run_eval(artifact: str, data: str | None, data_dir: str | None, steps: list[
     name = data or meta.get("dataset", {}).get("name")
     if not name:
         raise FmktError(f"artifact {artifact} does not record its dataset; pass --data.")
-    _, test, found = load_dataset(name, data_dir)
-    spec = meta["model"]
+    spec, recorded = meta["model"], meta.get("dataset") or {}
+    _, test, found = eval_split(name, data_dir, spec, recorded if name == recorded.get("name") else {})
     if found.num_classes != spec["num_classes"] or found.in_channels != spec["input"]["channels"]:
         raise FmktError(f"dataset {name} has {found.num_classes} classes and {found.in_channels} channels, but the "
                         f"artifact expects {spec['num_classes']} and {spec['input']['channels']}.")
@@ -238,6 +256,22 @@ def run_eval(artifact: str, data: str | None, data_dir: str | None, steps: list[
     acc = evaluate(model.to(dev), test, keys, batch_size, dev)
     return {"artifact": str(artifact), "dataset": name, "images": len(test), "top1": acc,
             "skipped": skipped_steps(model, steps, meta.get("method")), "precision": FP32, "meta": meta}
+
+
+def eval_split(name: str, data_dir: str | None, spec: dict, recorded: dict):
+    """``load_dataset`` for ``eval``: an image folder at the artifact's input size, from ``--data-dir`` or the
+    folder its fmkt.json records, with the same classes (by name) as the artifact was trained on."""
+    if not is_folder(name):
+        return load_dataset(name, data_dir)
+    folder = data_dir or recorded.get("dir")
+    if folder is None:
+        raise FmktError("eval of an imagefolder artifact needs --data-dir ROOT (its fmkt.json records no folder).")
+    train, test, found = load_dataset(name, folder, image_size=spec["input"]["size"][0])
+    names = recorded.get("class_names")
+    if names and list(found.class_names) != list(names):
+        raise FmktError(f"the class folders of {folder}/val are not the {len(names)} classes the artifact was trained "
+                        "on (by name and order); evaluate on a folder with the same classes.")
+    return train, test, found
 
 
 def skipped_steps(model, steps, method: str | None) -> dict:

@@ -26,6 +26,10 @@ class DataConfig:
     train_subset: int | None = None  # seeded subset of the training split (small CPU runs)
     test_subset: int | None = None
     holdout: int | None = None  # evaluate on this many training images held out (model selection), not the test split
+    image_size: int = 224  # imagefolder: the side of the square crops trained and evaluated on (others: their own)
+    workers: int | None = None  # imagefolder: DataLoader processes decoding images (None: min(8, CPUs per process))
+    mean: list = field(default_factory=list)  # per-channel mean of the raw [0, 1] images (empty: the dataset's)
+    std: list = field(default_factory=list)  # per-channel std (empty: the dataset's; imagefolder: ImageNet's)
 
 
 @dataclass
@@ -86,6 +90,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     kernel: str = "auto"  # flow-step kernels, fmkt.kernels.KERNEL_MODES: auto | triton | torch
     fast_path: str = "auto"  # fmkt.capture.MODES: the GPU fast path (data on the GPU, captured step) auto | on | off
+    log: str = "jsonl"  # fmkt.logs.LOGGERS: jsonl (metrics.jsonl) | tensorboard (also OUT/tensorboard: per step)
 
 
 @dataclass
@@ -252,7 +257,23 @@ def validate(cfg: Config) -> Config:
             raise FmktError(f"{key} must be >= 1, got {value}.")
     if cfg.optim.lr <= 0:
         raise FmktError(f"optim.lr must be > 0, got {cfg.optim.lr}.")
+    validate_data(cfg.data)
     return cfg
+
+
+def validate_data(d: DataConfig) -> None:
+    """The data section's new keys: image size, workers, mean/std (numbers, one per channel, std > 0)."""
+    if d.image_size < 8:
+        raise FmktError(f"data.image_size must be >= 8, got {d.image_size}.")
+    if d.workers is not None and d.workers < 0:
+        raise FmktError(f"data.workers must be >= 0 (0: decode in the training process), got {d.workers}.")
+    for values, key in [(d.mean, "data.mean"), (d.std, "data.std")]:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise FmktError(f"{key} must be a list of numbers such as [0.485, 0.456, 0.406], got {values!r}.")
+    if len(d.mean) != len(d.std):
+        raise FmktError(f"data.mean has {len(d.mean)} values and data.std {len(d.std)}; give both, one per channel.")
+    if any(v <= 0 for v in d.std):
+        raise FmktError(f"data.std values must be > 0, got {d.std}.")
 
 
 def validate_method(m: MethodConfig) -> MethodConfig:

@@ -24,11 +24,12 @@ from fmkt.artifact import run_record, save_artifact
 from fmkt.capture import CapturedStep, fast_path_plan
 from fmkt.checkpoint import CHECKPOINT, load_checkpoint, restore, rng_state, save_checkpoint
 from fmkt.config import Config, save_config
-from fmkt.data import BatchLoader, check_images, load_dataset
+from fmkt.data import check_split, data_options, folder_record, load_dataset, make_loader, resident
 from fmkt.distillers import build_distiller, check_method
 from fmkt.errors import FmktError
 from fmkt.evaluation import eval_keys, evaluate, step_label
 from fmkt.files import atomic_path, check_output_dir, ensure_writable_dir, remove_stale_temporaries
+from fmkt.logs import NoLogger, open_logger
 from fmkt.optim import build_optimizer, build_scheduler
 from fmkt.step import NonFiniteLoss, nonfinite_loss, train_step
 from fmkt.runtime import FP32, distributed, rank_and_world, resolve_device, seed_everything, sum_over_ranks
@@ -99,7 +100,7 @@ class Run:
     model: object  # the distiller, or its DDP wrapper
     optimizer: object
     scheduler: object
-    loader: BatchLoader
+    loader: object  # fmkt.data.make_loader's: BatchLoader (tensors) or FolderLoader (an image folder)
     keys: list
     teacher: dict | None = None
     extra: dict = field(default_factory=dict)
@@ -112,6 +113,7 @@ class Run:
     last_good: Path | None = None
     t_start: float = field(default_factory=time.perf_counter)
     step: object = None  # (images, labels, progress) -> losses: eager_step or a fmkt.capture.CapturedStep
+    logger: object = field(default_factory=NoLogger)  # fmkt.logs: train.log's per-step and per-epoch scalars
 
     def eager_step(self, images, labels, progress: float) -> dict:
         return train_step(self.model, self.optimizer, self.scheduler, images, labels, progress, self.amp)
@@ -128,15 +130,15 @@ class Run:
 def load_data(cfg: Config):
     """(train, evaluation set, DatasetInfo) with the configured subsets, images checked. With ``data.holdout``
     the evaluation set is that many training images held out (seeded, stratified), never the test split."""
-    train_set, test_set, data = load_dataset(cfg.data.name, cfg.data.dir)
+    train_set, test_set, data = load_dataset(cfg.data.name, cfg.data.dir, **data_options(cfg.data))
     if cfg.data.holdout:
         test_set, train_set = train_set.split(cfg.data.holdout, seed=cfg.train.seed)
     if cfg.data.train_subset:
         train_set = train_set.subset(cfg.data.train_subset, seed=cfg.train.seed)
     if cfg.data.test_subset:
         test_set = test_set.subset(cfg.data.test_subset, seed=0)
-    check_images(train_set.images, data.in_channels)
-    check_images(test_set.images, data.in_channels)
+    check_split(train_set, data)
+    check_split(test_set, data)
     return train_set, test_set, data
 
 
@@ -170,14 +172,16 @@ def prepare(cfg: Config, teacher, teacher_record, resume: bool, console, extra) 
     device = resolve_device(cfg.train.device)
     train_set, test_set, data = load_data(cfg)
     on_gpu, capture, line = fast_path_plan(cfg.train.fast_path, cfg, device, world, check_method(cfg.method.name))
+    if on_gpu and not resident(train_set):  # an image folder stays on the host: workers decode into pinned memory
+        on_gpu, line = False, line.replace("data on the GPU", "images decoded by host workers")
     if device.type == "cuda":
         console.print(line, highlight=False)
     student, distiller = build_models(cfg, data, teacher, device, console, captured=capture)
     if on_gpu:  # moved once: every batch is indexed and augmented on the GPU (the same batches as on the host)
         train_set, test_set = train_set.to(device), test_set.to(device)
-    loader = BatchLoader(train_set, cfg.data.batch_size // world, shuffle=True,
+    loader = make_loader(train_set, cfg.data.batch_size // world, shuffle=True,
                          augment_info=data if cfg.data.augment else None, seed=cfg.train.seed, drop_last=True,
-                         rank=rank, world_size=world)
+                         rank=rank, world_size=world, device=device)
     if len(loader) == 0:
         raise FmktError(f"the training set ({len(train_set)} images) is smaller than one batch "
                         f"({cfg.data.batch_size}); lower data.batch_size.")
@@ -214,6 +218,8 @@ def open_outputs(run: Run) -> None:
         save_config(run.cfg, run.out / "config.yaml")
         with atomic_path(run.out / METRICS) as tmp:
             tmp.write_text("".join(json.dumps(h) + "\n" for h in run.history))
+    done = run.start_epoch * len(run.loader) + run.start_step  # steps a resumed run logged before: purged after
+    run.logger = open_logger(run.cfg.train.log, run.out, done + 1 if done else 0, run.master)
     if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -244,10 +250,9 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> None:
     skip = run.start_step if epoch == run.start_epoch else 0
     if skip:  # the checkpoint's sums are global (all ranks); keep them on rank 0 only, summed later
         sums, seen = (run.resumed_sums, run.resumed_seen) if run.master else ({k: 0.0 for k in run.resumed_sums}, 0)
-    for step, (images, labels) in enumerate(run.loader):
-        if step < skip:
-            progress.advance(task)
-            continue
+    run.loader.skip(skip)  # the batches a mid-epoch checkpoint already did are not even built (or decoded)
+    progress.advance(task, skip)
+    for step, (images, labels) in enumerate(run.loader, start=skip):
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
         try:
             losses = run.step(images, labels, epoch + step / iters)
@@ -257,8 +262,9 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> None:
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) * labels.numel()
         seen += labels.numel()
-        progress.update(task, advance=1, loss=float(sum(losses.values()).detach()),
-                        ips=seen / max(time.perf_counter() - t0, 1e-9))
+        ips = seen / max(time.perf_counter() - t0, 1e-9)
+        progress.update(task, advance=1, loss=float(sum(losses.values()).detach()), ips=ips)
+        run.logger.step(epoch * iters + step + 1, losses, run.optimizer.param_groups[0]["lr"], ips)
         every = cfg.train.checkpoint_every_steps
         if every and (step + 1) % every == 0 and step + 1 < iters:
             checkpoint(run, epoch, step + 1, *sum_over_ranks(sums, seen, run.device))
@@ -283,6 +289,7 @@ def end_epoch(run: Run, epoch: int, sums: dict, seen: int, seconds: float) -> No
     if run.master:
         with open(run.out / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
+        run.logger.epoch(record)
     accs = ", ".join(f"{step_label(k)} {v:.2f}" for k, v in record.get("top1", {}).items())
     run.console.print(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {record['train_loss']:.4f}  "
                       f"{record['images_per_s']:.0f} img/s  {accs}")
@@ -305,11 +312,13 @@ def finish(run: Run) -> FitResult:
             if run.world > 1 else {}
         record = run_record(run.cfg.method, teacher=run.teacher,
                             dataset={"name": run.data.name, "num_classes": run.data.num_classes,
-                                     "class_names": list(run.data.class_names) if run.data.class_names else None},
+                                     "class_names": list(run.data.class_names) if run.data.class_names else None,
+                                     **folder_record(run.train_set, run.test_set)},
                             metrics={"last": last, "best": run.best, "epochs": run.cfg.train.epochs,
                                      "precision": FP32, "split": evaluation_split(run.cfg)},
                             **distributed_run, **run.extra)
         save_artifact(artifact, run.student.cpu(), spec_of(run.student).to_json(), record)
+    run.logger.close()
     if run.world > 1:  # the others wait until rank 0's files are in place (a cached teacher is read next)
         dist.barrier()
     return FitResult(out=run.out, artifact=artifact, last=last, best=run.best, epochs=run.cfg.train.epochs,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fmkt.data import BatchLoader, ImageTensors
+from fmkt.data import make_loader, shard
 from fmkt.runtime import ddp_active, strict_fp32
 from fmkt.student import DeployableModel
 
@@ -28,15 +28,15 @@ def eval_keys(model: DeployableModel, steps) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model: DeployableModel, data, keys: list[str], batch_size: int, device) -> dict:
-    """Top-1 accuracy (%) on ``data`` (ImageTensors) for each key; IEEE fp32 whatever the training precision.
+    """Top-1 accuracy (%) on ``data`` (ImageTensors, or an image folder's split: decoded by DataLoader workers,
+    evaluation transform) for each key; IEEE fp32 whatever the training precision.
 
     Under DDP each rank counts its shard (items r, r + W, ...) and the counts are summed: every rank returns the
     same numbers, those of the whole set (the caller makes the models equal first).
     """
     if ddp_active():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        data = ImageTensors(data.images[rank::world], data.labels[rank::world])
-    loader = BatchLoader(data, batch_size, shuffle=False, augment_info=None, seed=0)
+        data = shard(data, dist.get_rank(), dist.get_world_size())
+    loader = make_loader(data, batch_size, shuffle=False, augment_info=None, seed=0, device=device)
     correct, total = count_correct(model, loader, keys, device)
     if ddp_active():
         counts = torch.tensor([correct[k] for k in keys] + [total], dtype=torch.float64, device=device)

@@ -11,6 +11,9 @@
 #   latency   `fmkt-cli bench` on CUDA for the default distill artifact and a CIFAR-shaped resnet8x4 student
 #   kernels   the kernel benchmark (--quick)
 #   compiled  latency of torch.compile and AOTInductor on CUDA (resnet8x4, the student alone and K=4)
+#   imagenet  what an ImageNet run needs (issue 16): the captured step of resnet34 -> resnet18 at 224 x 224, batch
+#             256 (none, kd, fmkt) -> benchmarks/train_speed.py --imagenet; the folder loader's images/s with 1-16
+#             workers on this host's CPUs -> benchmarks/loader_speed.py
 # Results go to $FMKT_BENCH_OUT (default benchmarks/results); each stage prints PASS/FAIL lines, and a summary of
 # return codes ends the run.
 #   FMKT_GPU_STAGES="triton numerics tests" FMKT_BENCH_OUT=$OUT bash scripts/gpu_check.sh
@@ -19,7 +22,7 @@ cd "$(dirname "$0")/.."
 OUT="${FMKT_BENCH_OUT:-benchmarks/results}"
 PY="${PYTHON:-python}"
 BUDGET="${FMKT_GPU_BUDGET:-540}"
-STAGES="${FMKT_GPU_STAGES:-triton tests numerics speed latency kernels compiled}"
+STAGES="${FMKT_GPU_STAGES:-triton tests numerics speed latency kernels compiled imagenet}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 mkdir -p "$OUT"
@@ -98,6 +101,17 @@ if want compiled; then
         --backends compile,aoti --steps 4 --batch 1,64 --warmup 20 --iters 100 \
         --out "$OUT/latency_cuda_resnet8x4_compiled.json" 2>&1 | tail -n 20
     note compiled "${PIPESTATUS[0]}"
+fi
+
+if want imagenet; then
+    echo "== ImageNet: the resnet34 -> resnet18 step at 224 x 224, batch 256, and the loader on this host"
+    timeout "$(box 200)" "$PY" benchmarks/train_speed.py --device cuda --imagenet --warmup 4 --iters 10 \
+        --out "$OUT" 2>&1 | grep -v Warning | tail -n 12
+    note imagenet_step "${PIPESTATUS[0]}"
+    workers=$(nproc); list="1"; for w in 4 8 16 32; do [ "$w" -le "$workers" ] && list="$list,$w"; done
+    timeout "$(box 150)" "$PY" benchmarks/loader_speed.py --workers "$list" --images 2000 --rss-sizes "" \
+        --name gpu-host --out "$OUT" 2>&1 | tail -n 40
+    note imagenet_loader "${PIPESTATUS[0]}"
 fi
 
 echo "== summary (return codes):$summary; $(( $(date +%s) - start )) s"

@@ -126,6 +126,29 @@ def _garbage_idx_files(d, art):
     return ["train", "--model", "resnet8", "--data", "fashion-mnist", "--data-dir", str(fm), "--out", str(d / "o")]
 
 
+def _image_folder(d, train=None, val=None, garbage=False):
+    """d/imgs in the ImageNet layout: {class: file count} per split (default two classes of two), tiny PNGs (or
+    files that are not images)."""
+    from PIL import Image
+
+    root = d / "imgs"
+    for split, classes in [("train", train), ("val", val)]:
+        for name, count in (classes if classes is not None else {"a": 2, "b": 2}).items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                if garbage:
+                    (root / split / name / f"{i}.jpg").write_bytes(b"not an image")
+                else:
+                    Image.new("L", (8, 8), 40 * i).save(root / split / name / f"{i}.png")
+    return ["--data", "imagefolder", "--data-dir", str(root), "--set", "data.image_size=8", "--set", "data.workers=0"]
+
+
+def _folder_without_val(d, a):
+    args = _image_folder(d)
+    shutil.rmtree(d / "imgs" / "val")
+    return ["distill", *args, *TINY]
+
+
 # (id, command builder (folder, artifact) -> argv, words the one sentence must hold)
 CASES = [
     ("train-unknown-model", lambda d, a: ["train", "--model", "resnet9", "--out", str(d / "o")], "unknown model"),
@@ -198,6 +221,22 @@ CASES = [
     *([("bench-cuda-without-a-gpu", lambda d, a: ["bench", str(a), "--device", "cuda"], "no CUDA GPU is visible")]
       if not torch.cuda.is_available() else []),
     ("bench-out-is-a-folder", lambda d, a: ["bench", str(a), "--iters", "1", "--out", str(d)], "is a folder"),
+    ("train-imagefolder-without-data-dir", lambda d, a: ["train", "--data", "imagefolder"], "needs --data-dir ROOT"),
+    ("train-imagefolder-missing-folder", lambda d, a: ["train", "--data", "imagefolder", "--data-dir",
+                                                       str(d / "none")], "does not exist"),
+    ("distill-imagefolder-missing-val", _folder_without_val, "val does not exist"),
+    ("train-imagefolder-empty-training-class", lambda d, a: ["train", *_image_folder(d, train={"a": 2, "b": 0})],
+     "train/b holds no image file"),
+    ("train-imagefolder-classes-differ", lambda d, a: ["train", *_image_folder(d, val={"a": 1, "b": 1, "c": 1})],
+     "only in val: c"),
+    ("distill-imagefolder-no-readable-image", lambda d, a: ["distill", *_image_folder(d, garbage=True), *TINY],
+     "reads as an image"),
+    ("train-imagefolder-mean-of-one-channel", lambda d, a: ["train", *_image_folder(d), "--set", "data.mean=[0.5]",
+                                                            "--set", "data.std=[0.5]"], "one value per channel"),
+    ("train-image-size-on-digits", lambda d, a: ["train", "--set", "data.image_size=64"],
+     "applies to --data imagefolder only"),
+    ("train-workers-negative", lambda d, a: ["train", "--set", "data.workers=-1"], "data.workers must be >= 0"),
+    ("train-unknown-logger", lambda d, a: ["train", "--set", "train.log=wandb"], "unknown log 'wandb'"),
 ]
 
 

@@ -63,6 +63,8 @@ def test_shipped_recipes_parse_and_validate():
                  "cifar100_resnet56_resnet20", "cifar100_vgg13_vgg8"):
         assert want in names
     for name in names:
+        if build_config(name).data.name == "imagefolder":  # needs --data-dir: test_recipes.py gives it a folder
+            continue
         cfg = configure(name, [])
         assert isinstance(cfg, Config)
     paper = build_config("cifar100_resnet32x4_resnet8x4")

@@ -92,7 +92,7 @@ def make_cifar_folder(root: Path, hundred: bool, per_file: int = 3) -> dict:
 
 
 def test_registry_and_info():
-    assert list_datasets() == ["digits", "mnist", "fashion-mnist", "cifar10", "cifar100"]
+    assert list_datasets() == ["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder"]
     c10 = dataset_info("CIFAR10")
     assert (c10.crop_padding, c10.hflip, c10.in_channels, c10.num_classes) == (4, True, 3, 10)
     assert c10.mean == (0.4914, 0.4822, 0.4465) and c10.std == (0.2470, 0.2435, 0.2616)

@@ -21,6 +21,7 @@ ALL_MODELS = [
     "resnet8", "resnet8x4", "shufflenetv1", "shufflenetv2", "vgg11", "vgg13", "vgg8",
     "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
 ]
+IMAGENET_MODELS = ["mobilenet_v1", "resnet18", "resnet34", "resnet50"]  # tests/test_imagenet_models.py
 
 # Parameter counts (num_classes=100, 3 input channels) of mdistiller's own definitions
 # (mdistiller/models/cifar/*.py; vgg* are its cifar_model_dict entries vgg*_bn).
@@ -75,7 +76,7 @@ def _check_interface(model: nn.Module, x: torch.Tensor, num_classes: int) -> Non
 def test_list_models_is_sorted_and_complete():
     names = list_models()
     assert names == sorted(names)
-    assert names == sorted(ALL_MODELS)
+    assert names == sorted(ALL_MODELS + IMAGENET_MODELS)
 
 
 def test_unknown_model_raises_fmkt_error_listing_known_names():

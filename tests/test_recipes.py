@@ -1,6 +1,7 @@
-"""The shipped recipes: the CIFAR-100 ones are what scripts/make_recipes.py writes from PUBLISHED (the authors'
-published settings, each with its source), and every shipped recipe runs: `fmkt-cli distill --config NAME` on a
-tiny dataset of its kind for one epoch of a few steps."""
+"""The shipped recipes: the CIFAR-100 and ImageNet ones are what scripts/make_recipes.py writes from PUBLISHED and
+PUBLISHED_IMAGENET (the authors' published settings, each with its source), and every shipped recipe runs:
+`fmkt-cli distill --config NAME` on a tiny dataset of its kind for one epoch of a few steps."""
+import dataclasses
 import importlib.util
 import json
 import pickle
@@ -15,9 +16,10 @@ import yaml
 from typer.testing import CliRunner
 
 from fmkt.cli.app import app
-from fmkt.commands import check_method_names
-from fmkt.config import Config, apply_overrides, build_config, recipe_names
-from fmkt.distillers.published import CIFAR100_PAIRS, PUBLISHED
+from fmkt.commands import check_method_names, configure
+from fmkt.config import Config, DataConfig, apply_overrides, build_config, recipe_names
+from fmkt.data import list_datasets
+from fmkt.distillers.published import CIFAR100_PAIRS, IMAGENET_PAIRS, PUBLISHED, PUBLISHED_IMAGENET
 from fmkt.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +33,10 @@ def _script():
     return module
 
 
-def test_cifar100_recipes_are_what_the_script_writes():
+def test_published_recipes_are_what_the_script_writes():
     expected = _script().expected()
-    shipped = {p.name: p.read_text() for p in (ROOT / "fmkt" / "recipes").glob("cifar100_*.yaml")}
+    shipped = {p.name: p.read_text() for pattern in ("cifar100_*.yaml", "imagenet_*.yaml")
+               for p in (ROOT / "fmkt" / "recipes").glob(pattern)}
     assert sorted(shipped) == sorted(expected), "run `python scripts/make_recipes.py`"
     stale = [name for name, text in expected.items() if shipped[name] != text]
     assert stale == [], f"edited by hand or PUBLISHED changed: run `python scripts/make_recipes.py` ({stale})"
@@ -78,9 +81,72 @@ def test_published_settings_are_the_authors(key):
         assert cfg.train.epochs == 240 and (cfg.teacher.arch, cfg.student) == (teacher, student)
 
 
+# The same for ImageNet, per pair in IMAGENET_PAIRS order: resnet34/18, resnet50/mobilenet_v1 (mdistiller's
+# configs/imagenet/{r34_r18,r50_mv1}/{kd,dkd}.yaml and cfg.py; DIST's configs/strategies/distill/resnet_dist.yaml).
+WANT_IMAGENET = {
+    "kd": [dict(ce_weight=0.5, loss_weight=0.5, loss_params={"temperature": 1.0})] * 2,
+    "dkd": [dict(ce_weight=1.0, loss_weight=1.0, dkd_warmup_epochs=1.0,
+                 loss_params={"alpha": 1.0, "beta": b, "temperature": 1.0}) for b in (0.5, 2.0)],
+    "dist": [dict(ce_weight=1.0, loss_weight=2.0, loss_params={"beta": 1.0, "gamma": 1.0, "tau": 1.0})] * 2,
+    "fmkt": [dict(loss="dist", train_steps="8", schedule="rectified",
+                  loss_params={"beta": 2.0, "gamma": 2.0, "tau": 1.0})] * 2,
+}
+# (batch, lr, Nesterov): mdistiller 512 / 0.2 / no; DIST 32 x 8 GPUs / 0.1 / yes; fmkt: mdistiller's with Nesterov
+SOLVER_IMAGENET = {"kd": (512, 0.2, False), "dkd": (512, 0.2, False), "dist": (256, 0.1, True),
+                   "fmkt": (512, 0.2, True)}
+
+
+@pytest.mark.parametrize("key", list(PUBLISHED_IMAGENET))
+def test_imagenet_published_settings_are_the_authors(key):
+    assert set(PUBLISHED_IMAGENET) == set(WANT_IMAGENET) == set(SOLVER_IMAGENET)
+    entry = PUBLISHED_IMAGENET[key]
+    assert set(entry.per_pair) <= set(IMAGENET_PAIRS) and entry.source
+    for (teacher, student), want in zip(IMAGENET_PAIRS, WANT_IMAGENET[key]):
+        cfg = apply_overrides(Config(), entry.overrides(teacher, student))
+        check_method_names(cfg.method)
+        assert {k: getattr(cfg.method, k) for k in want} == want, (key, teacher, student)
+        assert (cfg.data.batch_size, cfg.optim.lr, cfg.optim.nesterov) == SOLVER_IMAGENET[key]
+        assert (cfg.optim.name, cfg.optim.weight_decay, cfg.optim.momentum) == ("sgd", 1e-4, 0.9)
+        assert (cfg.optim.scheduler, cfg.optim.milestones, cfg.optim.gamma) == ("multistep", [30, 60, 90], 0.1)
+        assert cfg.train.epochs == 100 and (cfg.teacher.arch, cfg.student) == (teacher, student)
+
+
+def _imagenet_missing() -> str | None:
+    """What the ImageNet recipes need from the data stage and this checkout lacks (None: nothing)."""
+    if "imagefolder" not in list_datasets():
+        return "the `imagefolder` dataset is not registered in fmkt.data yet"
+    if "image_size" not in {f.name for f in dataclasses.fields(DataConfig)}:
+        return "the config key data.image_size does not exist yet"
+    return None
+
+
+def _tiny_image_folder(root: Path) -> Path:
+    """ROOT/{train,val}/CLASS/*.png: two classes, one 40x40 RGB image each (what configure opens and scans)."""
+    image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("n01440764", "n01443537"):
+            (root / split / cls).mkdir(parents=True)
+            image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / split / cls / "0.png")
+    return root
+
+
+@pytest.mark.parametrize("name", [n for n in recipe_names() if n.startswith("imagenet_")])
+def test_imagenet_recipes_parse_and_validate(name, tmp_path):
+    missing = _imagenet_missing()
+    if missing:
+        pytest.skip(f"{name}: {missing}")
+    # types, ranges and every name against its registry, on a (tiny) folder of the ImageNet layout
+    cfg = configure(name, [{"data": {"dir": str(_tiny_image_folder(tmp_path / "imagenet"))}}])
+    assert (cfg.data.name, cfg.data.image_size) == ("imagefolder", 224)
+    assert (cfg.teacher.arch, cfg.student) in IMAGENET_PAIRS
+    assert cfg.train.epochs == 100 and cfg.optim.milestones == [30, 60, 90]
+    assert cfg.teacher.lr == pytest.approx(0.1 * cfg.data.batch_size / 256)  # torchvision's lr per image
+
+
 @pytest.mark.skipif(not MIRROR.is_dir(), reason="the authors' repositories are not mirrored here")
 def test_every_per_pair_source_file_exists_at_its_commit():
-    for key, entry in PUBLISHED.items():
+    for key, entry in [*PUBLISHED.items(), *PUBLISHED_IMAGENET.items()]:
         for pair in entry.per_pair.values():
             repo, rest = pair.source.split("@", 1)
             commit, path = rest.split(": ", 1)
@@ -136,8 +202,16 @@ def _idx(folder: Path) -> Path:
     return folder
 
 
+def _imagefolder(folder):
+    from imagefolder_data import make_image_folder  # tests/imagefolder_data.py: real PNG/JPEG digits, 32 x 32
+
+    return make_image_folder(folder, train_per_class=4, val_per_class=2)
+
+
 # per dataset a recipe may name: (its data folder or None for a built-in one, classes, channels)
-DATASETS = {"cifar100": (_cifar100, 100, 3), "fashion-mnist": (_idx, 10, 1), "digits": (None, 10, 1)}
+DATASETS = {"cifar100": (_cifar100, 100, 3), "fashion-mnist": (_idx, 10, 1), "digits": (None, 10, 1),
+            "imagefolder": (_imagefolder, 10, 3)}
+EXTRA = {"imagefolder": ["--set", "data.image_size=32", "--set", "data.workers=0"]}  # 224 x 224 is for real runs
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +228,14 @@ def data(tmp_path_factory):
 
 @pytest.mark.parametrize("name", recipe_names())
 def test_every_shipped_recipe_runs(name, data, tmp_path):
+    if name.startswith("imagenet_") and (_imagenet_missing() or "imagefolder" not in DATASETS):
+        pytest.skip(f"{name}: {_imagenet_missing() or 'no tiny imagefolder in DATASETS to run it on yet'}")
     recipe = build_config(name)
     assert recipe.data.name in DATASETS, f"recipe {name}: add a tiny {recipe.data.name} folder to DATASETS"
     data_dir, teacher = data[recipe.data.name]
     out = tmp_path / "run"
     args = ["distill", "--config", name, "--out", out, "--teacher", teacher, "--teacher-arch", "resnet8", *TINY]
+    args += EXTRA.get(recipe.data.name, [])
     result = runner.invoke(app, [str(a) for a in args + (["--data-dir", data_dir] if data_dir else [])])
     assert result.exit_code == 0, result.output
     resolved = yaml.safe_load((out / "config.yaml").read_text())

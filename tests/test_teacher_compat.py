@@ -6,7 +6,6 @@ from our models, so the names tested are theirs), with random weights, and loade
 ``fmkt-cli distill --teacher FILE --teacher-arch X``: strictly, and with the logits of the state dict loaded by hand.
 """
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from fmkt.files import sha256_file
 from fmkt.models import create_model
 from fmkt.commands import obtain_teacher
 from fmkt.teacher import load_teacher, read_state_dict
+from reference_weights import random_state_dict  # tests/reference_weights.py
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHAPES = json.loads((FIXTURES / "mdistiller_param_shapes.json").read_text())
@@ -31,20 +31,7 @@ MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)  # CIFAR-100's
 
 def mdistiller_state_dict(name: str, seed: int = 0) -> dict:
     """Random weights under mdistiller's names and shapes: He-scaled convs and linears, BN near identity."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in SHAPES[name].items():
-        if key.endswith("num_batches_tracked"):
-            sd[key] = torch.tensor(1000)
-        elif key.endswith("running_var"):
-            sd[key] = 0.5 + torch.rand(shape, generator=g)
-        elif key.endswith("running_mean") or key.endswith("bias"):
-            sd[key] = 0.1 * torch.randn(shape, generator=g)
-        elif len(shape) == 1:  # BN weight
-            sd[key] = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            sd[key] = torch.randn(shape, generator=g) * math.sqrt(1.0 / math.prod(shape[1:]))
-    return sd
+    return random_state_dict(SHAPES[name], seed)
 
 
 def write_checkpoint(path: Path, sd: dict) -> Path:

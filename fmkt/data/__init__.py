@@ -12,17 +12,22 @@ Datasets: :data:`DATASET_SOURCES` below is the one list of names, read by :func:
 * ``fashion-mnist`` IDX files, default folder ``/usr/share/datasets/fashion-mnist``.
 * ``cifar10``       the python-pickle release (``cifar-10-batches-py``).
 * ``cifar100``      the python-pickle release (``cifar-100-python``), fine labels.
+* ``imagefolder``   ``--data-dir ROOT`` with ``ROOT/train/CLASS/*.jpg`` and ``ROOT/val/CLASS/*.jpg`` (the ImageNet
+                    layout), never held in memory: files decoded by DataLoader workers (:mod:`fmkt.data.folder`).
 
 Any ``pkg.module:factory`` import path works wherever a name does (:mod:`fmkt.data.factory`).
 
 Modules: ``tensors`` (DatasetInfo, ImageTensors, checks), ``sources`` (what a registry entry holds),
 ``digits`` / ``idx`` / ``cifar`` (one reader per file family), ``factory`` (import-path data),
 ``loader`` (BatchLoader and :func:`augment_batch`, seeded with explicit ``torch.Generator`` objects,
-so the same seed and epoch always give the same batches).
+so the same seed and epoch always give the same batches), ``folder`` / ``transforms`` / ``workers`` (image
+folders: the file list, the transforms on tensors, the worker loader) and :func:`make_loader`, the one way the
+engine and evaluation get batches of either kind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -33,10 +38,13 @@ import torch
 from fmkt.data.cifar import CIFAR10_CLASSES, CIFAR10_RELEASE, CIFAR100_CLASSES, CIFAR100_RELEASE, read_cifar
 from fmkt.data.digits import DIGIT_CLASSES, DIGITS_MEAN, DIGITS_STD, read_digits
 from fmkt.data.factory import load_factory_data
+from fmkt.data.folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderSet, clear_folder_cache, folder_record, \
+    open_image_folder
 from fmkt.data.idx import FASHION_CLASSES, read_idx, read_idx_folder
 from fmkt.data.loader import BatchLoader, augment_batch
 from fmkt.data.sources import DatasetSource
 from fmkt.data.tensors import DatasetInfo, ImageTensors, check_images, normalize
+from fmkt.data.workers import FolderLoader, make_loader, resident, shard
 from fmkt.errors import FmktError
 from fmkt.import_paths import is_import_path
 
@@ -58,6 +66,15 @@ __all__ = [
     "normalize",
     "check_images",
     "BatchLoader",
+    "FolderLoader",
+    "ImageFolderSet",
+    "make_loader",
+    "shard",
+    "resident",
+    "folder_record",
+    "check_split",
+    "data_options",
+    "is_folder",
 ]
 
 _CIFAR_HINT = "extract the CIFAR-{n} python release (cifar-{n}-python.tar.gz) there or pass --data-dir"
@@ -90,6 +107,10 @@ DATASET_SOURCES: dict[str, DatasetSource] = {
         "CIFAR-100", functools.partial(read_cifar, release=CIFAR100_RELEASE),
         default_dir="/usr/share/datasets/cifar100", install_hint=_CIFAR_HINT.format(n=100),
     ),
+    "imagefolder": DatasetSource(
+        DatasetInfo("imagefolder", 0, 3, (224, 224), IMAGENET_MEAN, IMAGENET_STD, 0, True),
+        "image folder", None, opener=open_image_folder,
+    ),
 }
 
 #: Views of the registry: the :class:`DatasetInfo` of each name, and where :func:`load_dataset` looks when
@@ -114,14 +135,42 @@ def _canonical(name: str) -> str:
     return key
 
 
-def dataset_info(name: str, data_dir: str | os.PathLike | None = None) -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``name`` (case-insensitive, ``_`` and ``-`` alike).
+def is_folder(name: str) -> bool:
+    """Whether ``name`` is a dataset read file by file as it trains (an image folder), not held in memory."""
+    return not is_import_path(name) and DATASET_SOURCES[_canonical(name)].opener is not None
 
-    For an import path ``pkg.module:factory`` the facts come from the data (loaded once and cached).
+
+def data_options(data_cfg) -> dict:
+    """The keyword options of :func:`dataset_info` / :func:`load_dataset` a config's data section sets."""
+    return {"image_size": data_cfg.image_size, "workers": data_cfg.workers,
+            "mean": tuple(data_cfg.mean) or None, "std": tuple(data_cfg.std) or None}
+
+
+def _with_stats(info: DatasetInfo, mean, std) -> DatasetInfo:
+    """``info`` with the configured per-channel mean/std (``data.mean``/``data.std``) in place of its own."""
+    for values, key in [(mean, "data.mean"), (std, "data.std")]:
+        if values is not None and len(values) != info.in_channels:
+            raise FmktError(f"{key} has {len(values)} values but {info.name} images have {info.in_channels} "
+                            "channel(s); give one value per channel.")
+    return dataclasses.replace(info, mean=tuple(map(float, mean)) if mean else info.mean,
+                               std=tuple(map(float, std)) if std else info.std)
+
+
+def dataset_info(name: str, data_dir: str | os.PathLike | None = None, *, image_size: int = 224,
+                 workers: int | None = None, mean=None, std=None) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name`` (case-insensitive, ``_`` and ``-`` alike); ``mean``/``std`` replace
+    the dataset's statistics, ``image_size`` is an image folder's (other datasets keep their own size).
+
+    For an import path ``pkg.module:factory`` the facts come from the data (loaded once and cached); for an image
+    folder from its class folders (scanned once and cached).
     """
     if is_import_path(name):
-        return load_factory_data(name, None if data_dir is None else str(data_dir))[2]
-    return DATASET_SOURCES[_canonical(name)].info
+        info = load_factory_data(name, None if data_dir is None else str(data_dir))[2]
+    elif is_folder(name):
+        info = DATASET_SOURCES[_canonical(name)].opener(data_dir, image_size=image_size, workers=workers)[2]
+    else:
+        info = DATASET_SOURCES[_canonical(name)].info
+    return _with_stats(info, mean, std)
 
 
 @functools.lru_cache(maxsize=4)
@@ -138,8 +187,17 @@ def _load_cached(name: str, folder: str | None) -> tuple[tuple[np.ndarray, ...],
 
 
 def clear_cache() -> None:
-    """Forget the parsed registered datasets held in memory (import-path data stays cached)."""
+    """Forget the parsed registered datasets held in memory and the scanned image folders (import-path data stays
+    cached)."""
     _load_cached.cache_clear()
+    clear_folder_cache()
+
+
+def check_split(data, info: DatasetInfo) -> None:
+    """An in-memory split's images checked (:func:`check_images`); an image folder's files were checked when it
+    was opened, and a file that fails to decode later is skipped."""
+    if isinstance(data, ImageTensors):
+        check_images(data.images, info.in_channels)
 
 
 def _to_tensors(images: np.ndarray, labels: np.ndarray, scale: float) -> ImageTensors:
@@ -151,10 +209,13 @@ def _to_tensors(images: np.ndarray, labels: np.ndarray, scale: float) -> ImageTe
 
 
 def load_dataset(
-    name: str, data_dir: str | os.PathLike | None = None
+    name: str, data_dir: str | os.PathLike | None = None, *, image_size: int = 224, workers: int | None = None,
+    mean=None, std=None,
 ) -> tuple[ImageTensors, ImageTensors, DatasetInfo]:
     """Load ``name`` as ``(train, test, info)``; ``name`` may be an import path ``pkg.module:factory`` (see
-    :func:`fmkt.data.factory.load_factory_data`).
+    :func:`fmkt.data.factory.load_factory_data`). ``imagefolder`` gives two :class:`ImageFolderSet` (file lists,
+    decoded at ``image_size`` by ``workers`` DataLoader processes) instead; ``mean``/``std`` as in
+    :func:`dataset_info`.
 
     ``data_dir`` defaults to :data:`DEFAULT_DATA_DIRS`; for ``cifar10``/``cifar100`` it may be the
     release folder itself (``cifar-10-batches-py``) or its parent; ``digits`` ignores it.
@@ -165,11 +226,14 @@ def load_dataset(
     if is_import_path(name):
         train, test, info = load_factory_data(name, None if data_dir is None else str(data_dir))
         return (ImageTensors(train.images.clone(), train.labels.clone()),
-                ImageTensors(test.images.clone(), test.labels.clone()), info)
+                ImageTensors(test.images.clone(), test.labels.clone()), _with_stats(info, mean, std))
     key = _canonical(name)
     source = DATASET_SOURCES[key]
+    if source.opener is not None:
+        train, test, info = source.opener(data_dir, image_size=image_size, workers=workers)
+        return train, test, _with_stats(info, mean, std)
     folder: str | None = None
     if source.default_dir is not None:
         folder = str(Path(data_dir if data_dir is not None else source.default_dir).expanduser().resolve())
     (tr_x, tr_y, te_x, te_y), scale = _load_cached(key, folder)
-    return _to_tensors(tr_x, tr_y, scale), _to_tensors(te_x, te_y, scale), source.info
+    return _to_tensors(tr_x, tr_y, scale), _to_tensors(te_x, te_y, scale), _with_stats(source.info, mean, std)

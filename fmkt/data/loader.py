@@ -54,6 +54,23 @@ def augment_batch(
     return apply_augmentation(images, info, *draw_augmentation(images.shape[0], info, generator))
 
 
+def shard_indices(n: int, num_samples: int, shuffle: bool, seed: int, epoch: int, rank: int,
+                  world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s ``num_samples`` item indices of an epoch, in batch order: one permutation of ``n`` items
+    from ``torch.Generator().manual_seed(seed + epoch)`` (or 0..n-1), identical on every rank, padded by wrapping
+    around to ``num_samples * world_size`` (as ``DistributedSampler`` does), then every ``world_size``-th item."""
+    if shuffle:
+        gen = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=gen)
+    else:
+        order = torch.arange(n)
+    total = num_samples * world_size
+    if total > n:
+        reps = math.ceil(total / n)
+        order = order.repeat(reps)[:total]
+    return order[rank:total:world_size]
+
+
 class BatchLoader:
     """Seeded mini-batches ``(images, labels)`` over an :class:`ImageTensors`.
 
@@ -99,6 +116,7 @@ class BatchLoader:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.epoch = 0
+        self._start = 0  # the batch the next iteration starts at (skip)
         #: items this rank sees per epoch (after padding)
         self.num_samples = math.ceil(len(data) / self.world_size)
 
@@ -111,28 +129,25 @@ class BatchLoader:
             return self.num_samples // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
 
+    def skip(self, batches: int) -> None:
+        """Start the next iteration at batch ``batches`` (a resumed epoch: the same batches as a whole iteration
+        from there on, the earlier ones never built); once only, later iterations start at 0 again."""
+        self._start = int(batches)
+
     def indices(self) -> torch.Tensor:
         """This rank's item indices for the current epoch, in batch order (int64)."""
-        n = len(self.data)
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(n, generator=gen)
-        else:
-            order = torch.arange(n)
-        total = self.num_samples * self.world_size
-        if total > n:  # pad by wrapping around, as DistributedSampler does
-            reps = math.ceil(total / n)
-            order = order.repeat(reps)[:total]
-        return order[self.rank:total:self.world_size]
+        return shard_indices(len(self.data), self.num_samples, self.shuffle, self.seed, self.epoch, self.rank,
+                             self.world_size)
 
     def _aug_generator(self) -> torch.Generator:
         state = np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(2)
         return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        start, self._start = self._start, 0
         idx = self.indices().to(self.data.images.device)
         draws = self._epoch_draws()
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             images = self.data.images.index_select(0, sel)
             labels = self.data.labels.index_select(0, sel.to(self.data.labels.device))

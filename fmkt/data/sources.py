@@ -28,10 +28,13 @@ class DatasetSource:
 
     info: DatasetInfo
     title: str  # the name in messages ("Fashion-MNIST")
-    read: Reader
+    read: Reader | None  # None for a dataset read file by file as it trains (``opener``)
     scale: float = 255.0  # the divisor that maps the parsed values to [0, 1]
-    default_dir: str | None = None  # None: the data needs no folder (sklearn's digits)
+    default_dir: str | None = None  # None: the data needs no folder (sklearn's digits) or names it (``opener``)
     install_hint: str = ""  # what to do when the files are missing, as the end of a sentence
+    #: a dataset never held in memory: ``opener(data_dir, image_size=, workers=) -> (train, test, DatasetInfo)``
+    #: with splits that list files (fmkt.data.folder); ``info`` is then a template (classes come from the files)
+    opener: Callable | None = None
 
     def not_found(self, folder: Path, expected: str) -> FmktError:
         """The error for a missing folder or file: ``expected`` says what should be in ``folder``."""

@@ -86,26 +86,32 @@ class ImageTensors:
 
     def _stratified(self, n: int, seed: int) -> torch.Tensor:
         """The sorted indices of ``subset(n, seed)``."""
-        total = len(self)
-        gen = torch.Generator().manual_seed(int(seed))
-        perm = torch.randperm(total, generator=gen)
-        labels = self.labels[perm]
-        # Rank of every permuted item within its class, then its fractional position
-        # (rank + 0.5) / class_count: taking the n smallest positions takes each class in
-        # proportion to its size, the seeded permutation deciding which members.
-        order = torch.argsort(labels, stable=True)
-        sorted_labels = labels[order]
-        _, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        rank_sorted = torch.arange(total) - torch.repeat_interleave(starts, counts)
-        rank = torch.empty_like(rank_sorted)
-        rank[order] = rank_sorted
-        count_of = torch.repeat_interleave(counts, counts)
-        count = torch.empty_like(count_of)
-        count[order] = count_of
-        key = (rank.double() + 0.5) / count.double()
-        chosen = perm[torch.argsort(key, stable=True)[:n]]
-        return torch.sort(chosen)[0]
+        return stratified_indices(self.labels, n, seed)
+
+
+def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """The sorted indices of a seeded, class-stratified choice of ``n`` of ``labels``' items (n < len(labels)):
+    :meth:`ImageTensors.subset`'s choice, shared with the image-folder datasets (a list of files)."""
+    total = int(labels.shape[0])
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(total, generator=gen)
+    labels = labels[perm]
+    # Rank of every permuted item within its class, then its fractional position
+    # (rank + 0.5) / class_count: taking the n smallest positions takes each class in
+    # proportion to its size, the seeded permutation deciding which members.
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    _, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(total) - torch.repeat_interleave(starts, counts)
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    count_of = torch.repeat_interleave(counts, counts)
+    count = torch.empty_like(count_of)
+    count[order] = count_of
+    key = (rank.double() + 0.5) / count.double()
+    chosen = perm[torch.argsort(key, stable=True)[:n]]
+    return torch.sort(chosen)[0]
 
 
 def check_images(

@@ -1,10 +1,12 @@
-"""PUBLISHED: each method at its authors' published CIFAR-100 settings, with where every number comes from.
+"""PUBLISHED: each method at its authors' published CIFAR-100 settings, with where every number comes from;
+PUBLISHED_IMAGENET: the same for ImageNet-1k (ResNet-34 -> ResNet-18, ResNet-50 -> MobileNetV1).
 
 One entry per method (and per method with logit standardization, "+ls"): the ``method`` section (MethodConfig
 fields), the optimiser (OptimConfig fields), the batch size, the source (file path and commit of the authors'
 repository) and any per-pair difference, keyed by (teacher, student). ``settings(key, teacher, student)`` gives the
 config overrides (nested like a YAML recipe); ``scripts/make_recipes.py`` writes the shipped recipes
-``fmkt/recipes/cifar100_<teacher>_<student>[_<key>].yaml`` from here, so the numbers live in this file only.
+``fmkt/recipes/cifar100_<teacher>_<student>[_<key>].yaml`` (and ``imagenet_...`` from PUBLISHED_IMAGENET) from
+here, so the numbers live in this file only.
 
 The repositories (every path below is inside one of them, at the commit named):
 - mdistiller: github.com/megvii-research/mdistiller @ a08d46f10d6102bd6e3f258ca5ac880b020ea259 (KD, DKD).
@@ -12,6 +14,10 @@ The repositories (every path below is inside one of them, at the commit named):
   github.com/hunto/image_classification_sota @ d9662f7df68fe46b973c4580b7c9b896cedcd301.
 - LS: github.com/sunshangquan/logit-standardization-KD @ f6e5aa5172bad618e801163c3385322eea673754 (mdistiller-based).
 - FM-KT: the authors' code is not mirrored here; docs/method.md holds its settings in our words.
+- torchvision's reference ImageNet recipe (the field's standard, for comparison): github.com/pytorch/vision
+  references/classification/README.md (defaults: 8 GPUs x batch 32, lr 0.1, momentum 0.9, wd 1e-4, 90 epochs,
+  x0.1 every 30; ResNets "torchrun --nproc_per_node=8 train.py --model $MODEL"): the recipe to which torchvision
+  0.29.1's ResNet*_Weights.IMAGENET1K_V1 point (meta "recipe": .../references/classification#resnet).
 """
 from __future__ import annotations
 
@@ -155,3 +161,78 @@ PUBLISHED: dict[str, Settings] = {
 def settings(key: str, teacher: str, student: str) -> dict:
     """The config overrides of PUBLISHED[key] for the pair (teacher, student)."""
     return PUBLISHED[key].overrides(teacher, student)
+
+
+# ------------------------------------------------------------------------------------------------ ImageNet-1k
+#: The ImageNet-1k (teacher, student) pairs fmkt ships recipes for, in zoo names: the literature's two
+#: (mdistiller's configs/imagenet/r34_r18 and r50_mv1, DIST's README "R34-R18 and R50-MBV1").
+IMAGENET_PAIRS: tuple[tuple[str, str], ...] = (("resnet34", "resnet18"), ("resnet50", "mobilenet_v1"))
+
+# The ImageNet solver of mdistiller's configs/imagenet/{r34_r18,r50_mv1}/{kd,dkd}.yaml: SGD momentum 0.9 without
+# Nesterov (mdistiller/engine/trainer.py), lr 0.2 at batch 512, wd 1e-4 on every parameter, 100 epochs, x0.1 at
+# epochs 30/60/90 (LR_DECAY_STAGES). Per image the same lr as torchvision's reference (0.1 per 256), 10 epochs more.
+IMAGENET_SGD = {"name": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+                "scheduler": "multistep", "milestones": [30, 60, 90], "gamma": 0.1, "warmup_epochs": 0.0}
+# DIST's resnet_dist.yaml: batch 32 per GPU on 8 GPUs (README: tools/dist_train.sh 8) = 256, lr 0.1, SGD with
+# Nesterov (lib/utils/args.py: --sgd-no-nesterov not given), wd 1e-4, StepLR every 30 epochs x0.1 over 100 epochs.
+DIST_IMAGENET_SGD = {**IMAGENET_SGD, "lr": 0.1, "nesterov": True}
+FMKT_IMAGENET_SGD = {**IMAGENET_SGD, "nesterov": True}  # the baselines' solver, with Nesterov as FMKT_SGD (note)
+
+
+def _imagenet_dkd_beta(config: str, beta: float) -> Pair:
+    return Pair({"loss_params": {"beta": beta}}, f"{MDISTILLER}: configs/imagenet/{config}/dkd.yaml (BETA {beta})")
+
+
+PUBLISHED_IMAGENET: dict[str, Settings] = {
+    "kd": Settings(
+        {"name": "kd", "loss_params": {"temperature": 1.0}, "ce_weight": 0.5, "loss_weight": 0.5},
+        IMAGENET_SGD, 512,
+        f"{MDISTILLER}: configs/imagenet/r34_r18/kd.yaml and configs/imagenet/r50_mv1/kd.yaml (KD.TEMPERATURE 1, "
+        "KD.LOSS.CE_WEIGHT 0.5, KD.LOSS.KD_WEIGHT 0.5; SOLVER batch 512, lr 0.2, x0.1 at 30/60/90, wd 1e-4, "
+        "momentum 0.9, 100 epochs), mdistiller/engine/trainer.py (SGD without Nesterov)",
+        epochs=100),
+    "dkd": Settings(
+        {"name": "dkd", "loss_params": {"alpha": 1.0, "beta": 0.5, "temperature": 1.0}, "ce_weight": 1.0,
+         "loss_weight": 1.0, "dkd_warmup_epochs": 1.0},
+        IMAGENET_SGD, 512,
+        f"{MDISTILLER}: configs/imagenet/<pair>/dkd.yaml (DKD.CE_WEIGHT 1, BETA per pair, T 1, WARMUP 1; the "
+        "solver as for KD), mdistiller/engine/cfg.py (DKD.ALPHA 1: the configs set none), "
+        "mdistiller/engine/trainer.py (SGD without Nesterov)",
+        per_pair={("resnet34", "resnet18"): _imagenet_dkd_beta("r34_r18", 0.5),
+                  ("resnet50", "mobilenet_v1"): _imagenet_dkd_beta("r50_mv1", 2.0)},
+        note="mdistiller counts epochs from 1, so its min(epoch / WARMUP, 1) is already 1 in the first epoch at "
+             "WARMUP 1; fmkt counts from 0 and ramps DKD's weight linearly over that first epoch",
+        epochs=100),
+    "dist": Settings(
+        {"name": "dist", "loss_params": {"beta": 1.0, "gamma": 1.0, "tau": 1.0}, "ce_weight": 1.0,
+         "loss_weight": 2.0},
+        DIST_IMAGENET_SGD, 256,
+        f"{DIST_KD}: README.md (ImageNet baseline settings for R34-R18 and R50-MBV1: "
+        "configs/strategies/distill/resnet_dist.yaml on 8 GPUs); "
+        f"{DIST_CLS}: configs/strategies/distill/resnet_dist.yaml (kd: dist, ori_loss_weight 1, kd_loss_weight 2, "
+        "batch 32 per GPU, lr 0.1, sgd, momentum 0.9, wd 1e-4, step decay x0.1 every 30 epochs, 100 epochs, no "
+        "warm-up, no EMA), lib/models/losses/kd_loss.py (dist = DIST(beta=1, gamma=1, tau=1)), lib/utils/optim.py "
+        "(Nesterov)",
+        note="DIST decays no bias or BatchNorm weight (lib/utils/optim.py, filter_bias_and_bn); fmkt decays every "
+             "parameter",
+        epochs=100),
+    "fmkt": Settings(
+        {"name": "fmkt", "loss": "dist", "loss_params": {"beta": 2.0, "gamma": 2.0, "tau": 1.0}, "ce_weight": 1.0,
+         "loss_weight": 1.0, "encoder": "conv", "schedule": "rectified", "train_steps": "8",
+         "eval_steps": [1, 2, 4, 8]},
+        FMKT_IMAGENET_SGD, 512,
+        "docs/method.md (FM-KT's method as on CIFAR-100: D = DIST with beta = gamma = 2, tau = 1, rectified flow, "
+        "N = 8); the solver is the ImageNet baselines' (mdistiller's, see the kd entry) with Nesterov",
+        note="docs/method.md gives FM-KT's ResNet ImageNet solver only as 'AdamW 5e-4, batch 1024, EMA': no weight "
+             "decay, epochs or schedule, and fmkt keeps no EMA of the weights. Those three match the AdamW schedule "
+             "of mmcls's DeiT configs (configs/_base_/schedules/imagenet_bs1024_adamw_swin.py: lr 5e-4 x 1024/512, "
+             "wd 0.05, 300 epochs, cosine) on which the authors' DeiT code (shaoshitong/FM-KT-DeiT) builds. So "
+             "this recipe runs FM-KT's method on the solver its ImageNet baselines use, with Nesterov as FM-KT's "
+             "CIFAR solver: our choice, not a published setting",
+        epochs=100),
+}
+
+
+def imagenet_settings(key: str, teacher: str, student: str) -> dict:
+    """The config overrides of PUBLISHED_IMAGENET[key] for the ImageNet pair (teacher, student)."""
+    return PUBLISHED_IMAGENET[key].overrides(teacher, student)

@@ -1,0 +1,213 @@
+"""Batches for the engine and evaluation, whatever the dataset: :func:`make_loader` returns the in-memory
+:class:`~fmkt.data.loader.BatchLoader` for :class:`ImageTensors` (unchanged) and a :class:`FolderLoader` for an
+image folder, both with ``set_epoch``, ``len``, iteration and ``skip(k)`` (start the next iteration at batch k).
+
+:class:`FolderLoader` decodes files in ``torch.utils.data.DataLoader`` worker processes (``data.workers``; pinned
+memory on CUDA, persistent workers for training, a few batches prefetched per worker):
+
+* the batches are BatchLoader's: one permutation per epoch from ``seed + epoch``, identical on every rank, padded by
+  wrapping around, rank r taking every W-th item, so every rank has the same number of batches;
+* each item's crop and flip come from a generator seeded with (seed, epoch, item index)
+  (:func:`fmkt.data.transforms.item_rng`), so batches do not depend on the number of workers or on which one
+  decoded what, and a resumed epoch (``skip``) sees the crops an uninterrupted one sees, without decoding the
+  batches already done;
+* a file that cannot be decoded is skipped and counted (:class:`fmkt.data.folder.SkippedFiles`): in a training
+  batch (``drop_last``: static shapes, as the captured step needs) a deterministic other item takes its place; in
+  an evaluation batch it is left out;
+* a batch travels as uint8 (a quarter of float32's bytes) and becomes float32 in [0, 1] on its device.
+"""
+from __future__ import annotations
+
+import math
+import os
+import weakref
+
+import torch
+
+from fmkt.data.folder import ImageFolderSet
+from fmkt.data.loader import BatchLoader, shard_indices
+from fmkt.data.tensors import ImageTensors
+from fmkt.data.transforms import decode_rgb, eval_crop, item_rng, train_crop
+from fmkt.errors import FmktError
+
+REPLACE_TRIES = 32  # other files tried, in a seeded order, before a training item is given up as unreadable
+PREFETCH = 4  # batches in flight per worker
+# The persistent DataLoaders of live FolderLoaders, held here (and dropped by a weakref finalizer when their loader
+# dies) so a loader caught in a reference cycle never takes its workers' queues into the cyclic garbage collector:
+# there the queues' own finalizers run first and the workers' shutdown waits out its timeouts.
+_PERSISTENT: dict[int, torch.utils.data.DataLoader] = {}
+
+
+def default_workers() -> int:
+    """min(8, the CPUs this process may use, divided among the processes torchrun starts on this node)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(8, cpus // local))
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:120] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _as_is(batch):
+    return batch
+
+
+class FolderBatches:
+    """What a worker holds: the split's file list and the transform; ``__getitems__((epoch, indices))`` decodes one
+    batch into ``(images uint8 (B, 3, S, S), labels (B,), [(bad path, why)], fatal message or None)``."""
+
+    def __init__(self, data: ImageFolderSet, augment: bool, seed: int, replace: bool) -> None:
+        self.data, self.augment, self.seed, self.replace = data, bool(augment), int(seed), bool(replace)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitems__(self, key):
+        epoch, indices = key
+        size, images, labels, bad = self.data.size, [], [], []
+        for index in indices:
+            got = self._item(epoch, int(index), bad)
+            if got is None and self.replace:
+                return None, None, bad, (f"{self.data.path(index)} and the {REPLACE_TRIES} files tried in its "
+                                         f"place could not be decoded; check that {self.data.folder} holds "
+                                         "readable images.")
+            if got is not None:
+                images.append(got[0])
+                labels.append(got[1])
+        stacked = torch.stack(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8)
+        return stacked, torch.tensor(labels, dtype=torch.int64), bad, None
+
+    def _item(self, epoch: int, index: int, bad: list):
+        """(image, label) of item ``index``, or of the first decodable replacement (training); None if none."""
+        candidates = [index]
+        if self.replace:
+            rng = item_rng(self.seed, epoch, index, stream=1)
+            candidates += [int(j) for j in rng.integers(0, len(self.data), REPLACE_TRIES)]
+        for j in candidates:
+            path = self.data.path(j)
+            try:
+                hwc = decode_rgb(path)
+            except Exception as exc:  # any file Pillow cannot read: skipped and counted, never the end of a run
+                bad.append((path, _why(exc)))
+                continue
+            if hwc.shape[0] == 0 or hwc.shape[1] == 0:
+                bad.append((path, "an image of size 0"))
+                continue
+            size = self.data.size
+            image = train_crop(hwc, size, item_rng(self.seed, epoch, j)) if self.augment else eval_crop(hwc, size)
+            return image, int(self.data.labels[j])
+        return None
+
+
+class FolderLoader:
+    """Seeded batches ``(images float32 (B, 3, S, S) in [0, 1], labels)`` of an :class:`ImageFolderSet` on
+    ``device``, decoded by ``workers`` DataLoader processes (0: in this process); see the module docstring."""
+
+    def __init__(self, data: ImageFolderSet, batch_size: int, shuffle: bool = False, augment: bool = False,
+                 seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1, device=None,
+                 workers: int | None = None) -> None:
+        if batch_size < 1:
+            raise FmktError(f"batch_size is {batch_size}: expected a positive integer.")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise FmktError(f"rank {rank} with world_size {world_size} is invalid: expected world_size >= 1 and "
+                            "0 <= rank < world_size.")
+        if len(data) == 0:
+            raise FmktError(f"{data.folder} gives no image to load: expected at least one.")
+        self.data, self.batch_size, self.shuffle, self.seed = data, int(batch_size), bool(shuffle), int(seed)
+        self.drop_last, self.rank, self.world_size = bool(drop_last), int(rank), int(world_size)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        workers = data.workers if workers is None else workers
+        self.workers = default_workers() if workers is None else int(workers)
+        self.fetch = FolderBatches(data, augment, self.seed, replace=self.drop_last)
+        self.epoch, self._start = 0, 0
+        self.num_samples = math.ceil(len(data) / self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def skip(self, batches: int) -> None:
+        """Start the next iteration at batch ``batches``, decoding nothing before it (once; then 0 again)."""
+        self._start = int(batches)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def indices(self) -> torch.Tensor:
+        """This rank's item indices for the current epoch, in batch order (BatchLoader's)."""
+        return shard_indices(len(self.data), self.num_samples, self.shuffle, self.seed, self.epoch, self.rank,
+                             self.world_size)
+
+    def __iter__(self):
+        start, self._start = self._start, 0
+        idx, bs = self.indices().tolist(), self.batch_size
+        loader = self._dataloader()
+        loader.batch_sampler.keys = [(self.epoch, idx[b * bs:(b + 1) * bs]) for b in range(start, len(self))]
+        for images, labels, bad, fatal in loader:
+            self.data.skipped.note(bad, replaced=self.fetch.replace)
+            if fatal:
+                raise FmktError(fatal)
+            if labels.numel() == 0:
+                continue
+            images = images.to(self.device, non_blocking=True).float().div_(255.0)
+            yield images, labels.to(self.device, non_blocking=True)
+
+    def _dataloader(self) -> torch.utils.data.DataLoader:
+        """The DataLoader whose batch sampler (:class:`_Keys`) the iteration fills: a training loader's (shuffled)
+        is made once, its workers persistent across epochs; an evaluation's is made per iteration (its workers
+        end with it)."""
+        persistent = self.workers > 0 and self.shuffle
+        if persistent and id(self) in _PERSISTENT:
+            return _PERSISTENT[id(self)]
+        loader = torch.utils.data.DataLoader(
+            self.fetch, batch_sampler=_Keys(), num_workers=self.workers, collate_fn=_as_is,
+            pin_memory=self.device.type == "cuda", persistent_workers=persistent,
+            prefetch_factor=PREFETCH if self.workers > 0 else None)
+        if persistent:
+            _PERSISTENT[id(self)] = loader
+            weakref.finalize(self, _PERSISTENT.pop, id(self), None)
+        return loader
+
+    def close(self) -> None:
+        """End the persistent workers now (they end anyway when this loader is freed)."""
+        _PERSISTENT.pop(id(self), None)
+
+
+class _Keys:
+    """The batch sampler: the (epoch, indices) keys of the iteration under way (set by its FolderLoader, which it
+    does not reference: no cycle)."""
+
+    def __init__(self) -> None:
+        self.keys: list = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def make_loader(data, batch_size: int, shuffle: bool = False, augment_info=None, seed: int = 0,
+                drop_last: bool = False, rank: int = 0, world_size: int = 1, device=None):
+    """The loader of ``data``: a :class:`BatchLoader` for :class:`ImageTensors` (exactly as before), a
+    :class:`FolderLoader` for an image folder (augmentation on when ``augment_info`` is given)."""
+    if isinstance(data, ImageTensors):
+        return BatchLoader(data, batch_size, shuffle=shuffle, augment_info=augment_info, seed=seed,
+                           drop_last=drop_last, rank=rank, world_size=world_size)
+    return FolderLoader(data, batch_size, shuffle=shuffle, augment=augment_info is not None, seed=seed,
+                        drop_last=drop_last, rank=rank, world_size=world_size, device=device)
+
+
+def shard(data, rank: int, world: int):
+    """Items ``rank, rank + world, ...`` of ``data`` (a rank's share of an evaluation, no padding)."""
+    if isinstance(data, ImageTensors):
+        return ImageTensors(data.images[rank::world], data.labels[rank::world])
+    return data.shard(rank, world)
+
+
+def resident(data) -> bool:
+    """Whether ``data`` is held in memory as tensors (and so may move to the GPU whole)."""
+    return isinstance(data, ImageTensors)
