@@ -83,3 +83,25 @@ def test_global_batch_must_divide_over_ranks(tmp_path):
     assert proc.returncode != 0
     assert "global batch and must divide evenly over 2 processes" in proc.stderr
     assert not (tmp_path / "o" / "artifact").exists()
+
+
+def test_two_gloo_processes_on_an_image_folder(tmp_path):
+    """--data imagefolder under torchrun: each rank decodes its own shard with its own worker, every rank reports
+    the accuracy of the whole val split, rank 0 alone writes the artifact."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from imagefolder_data import make_image_folder  # tests/imagefolder_data.py: real PNG/JPEG digits, 32 x 32
+
+    root = make_image_folder(tmp_path / "images", train_per_class=16, val_per_class=5)
+    out = tmp_path / "ddp"
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "fmkt.cli", "distill",
+                "--data", "imagefolder", "--data-dir", str(root), "--method", "none", "--student", "resnet8",
+                "--epochs", "1", "--batch-size", "32", "--set", "data.image_size=32", "--set", "data.workers=1",
+                "--set", "train.threads=1", "--out", str(out)], tmp_path)
+    reported = {int(r): json.loads(acc) for r, acc in re.findall(r"rank (\d)/2 top-1: (\{.*\})", proc.stderr)}
+    assert set(reported) == {0, 1} and reported[0] == reported[1], proc.stderr
+    meta = json.loads((out / "artifact" / "fmkt.json").read_text())
+    assert meta["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert meta["dataset"]["name"] == "imagefolder" and meta["metrics"]["last"] == reported[0]
+    assert [m["epoch"] for m in metrics(out)] == [1]
+    assert len(list(tmp_path.rglob("fmkt.json"))) == 1
