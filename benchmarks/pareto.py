@@ -35,7 +35,7 @@ are used, others are listed as ignored. ``std`` and ``n`` (seeds) are optional. 
 plain student of the same architecture (same latency as the student alone): method ``none`` is the student
 alone, any other is a baseline, and the best baseline is the one with the highest mean.
 
-Outputs (``--out``, default benchmarks/results): ``pareto_<device>-<machine>.md`` (the tables), ``.json`` (the
+Outputs (``--out``, default benchmarks/results): ``pareto_<device>-<machine>[_<--name>].md`` (the tables), ``.json`` (the
 machine and versions from fmkt.runtime.environment, the settings, the accuracy source and every bench row) and
 one ``.png``: top-1 against p50 latency per encoder with K labelled, the student alone and the best baseline as
 reference lines (a panel per student and batch), or, without accuracy, latency against K per encoder as a
@@ -91,6 +91,7 @@ def parse_args(argv=None):
     ap.add_argument("--method", default="theta", help="the method whose accuracy rows are the flow points")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-pareto"), help="artifacts and bench files")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", default="", help="suffix of the output files: pareto_<device>-<machine>_<name>.*")
     return ap.parse_args(argv)
 
 
@@ -367,7 +368,7 @@ def report(args, device: str, results: dict, acc: Accuracy | None, run: dict) ->
     slug = device_slug(env["machine"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"pareto_{device}-{slug}"
+    stem = out / f"pareto_{device}-{slug}{'_' + args.name if args.name else ''}"
     batches = [int(b) for b in args.batch.split(",")]
     m = env["machine"]
     md = _header(args, env, device, run) + _accuracy_lines(acc)
