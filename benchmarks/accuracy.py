@@ -64,7 +64,7 @@ ROWS = {
     "dist": Row({"name": "dist"}, "dist", cpu=True, recipe=True),
     "fmkt": Row({"name": "fmkt", "loss": "dist", "schedule": "rectified", "train_steps": "8"}, "fmkt", cpu=True,
                 recipe=True),
-    "fmkt (best D)": Row({"name": "fmkt"}, "fmkt"),
+    "fmkt (best D)": Row({"name": "fmkt"}, "fmkt", cpu=True),
     "theta": Row({"name": "theta"}, "fmkt", cpu=True, recipe=True),
     "ofmkt": Row({"name": "ofmkt"}, "fmkt", recipe=True),
     "kd+ls": Row({"name": "kd"}, "kd+ls", cpu=True),
@@ -130,6 +130,7 @@ def run_one(job: dict) -> dict:
 
     from fmkt.commands import check_config
     from fmkt.engine import fit
+    from fmkt.errors import FmktError
     from fmkt.teacher import load_teacher
 
     p, args = PROTOCOLS[job["protocol"]], argparse.Namespace(**job["args"])
@@ -146,7 +147,11 @@ def run_one(job: dict) -> dict:
                                       in_channels=info.in_channels, mean=info.mean, std=info.std,
                                       input_size=info.image_size)
         tinfo["accuracy"] = t["accuracy"]
-    res = fit(cfg, teacher=teacher, teacher_info=tinfo, console=Console(stderr=True, quiet=job["quiet"]))
+    try:
+        res = fit(cfg, teacher=teacher, teacher_info=tinfo, console=Console(stderr=True, quiet=job["quiet"]))
+    except FmktError as exc:  # e.g. a loss that diverges with this setting: a result to report, not a dead benchmark
+        return {"row": job["row"], "seed": job["seed"], "method": cfg.method.name, "failed": str(exc),
+                "top1": {}, "settings": job["settings"]}
     return {"row": job["row"], "seed": job["seed"], "method": cfg.method.name, "encoder": cfg.method.encoder
             if METHODS[cfg.method.name].flow else None, "top1": res.last, "best": res.best,
             "seconds": round(res.seconds, 1), "settings": job["settings"],
@@ -165,17 +170,31 @@ def teacher_record(p: Protocol, args, console) -> dict:
     return tinfo
 
 
+def fmkt_with(d: str) -> dict:
+    """FM-KT at its authors' published choices with D = ``d``: the published D keeps its published parameters, any
+    other D runs at its own defaults (another loss's parameters would not apply to it)."""
+    pub, _ = published("fmkt")
+    if d != pub.get("loss"):
+        pub.pop("loss_params", None)
+    return {**pub, "name": "fmkt", "loss": d}
+
+
 def select_loss(p: Protocol, args, results: dict, out: Path, jobs) -> str:
     """FM-KT's D with the best held-out top-1 at K = 8 (seed 0, ``p.holdout`` training images held out)."""
     sel = results.setdefault("selection", {"holdout": p.holdout, "holdout_top1": {}})
     from fmkt.losses import LOSSES  # every registered D is a candidate
 
     todo = [d for d in LOSSES if d not in sel["holdout_top1"]]
-    for d, res in zip(todo, jobs([dict(row=f"select {d}", seed=0, method={"name": "fmkt", "loss": d},
+    for d, res in zip(todo, jobs([dict(row=f"select {d}", seed=0, method=fmkt_with(d),
                                        data={"holdout": p.holdout}, settings="") for d in todo])):
-        sel["holdout_top1"][d] = res["top1"]["8"]
+        sel["holdout_top1"][d] = res["top1"].get("8")  # None: the training failed (the reason is kept)
+        if res.get("failed"):
+            sel.setdefault("failed", {})[d] = res["failed"]
         out.write_text(json.dumps(results, indent=1))
-    sel["best"] = max(sel["holdout_top1"], key=sel["holdout_top1"].get)
+    ran = {d: v for d, v in sel["holdout_top1"].items() if v is not None}
+    if not ran:
+        raise SystemExit(f"every candidate D failed: {sel.get('failed')}")
+    sel["best"] = max(ran, key=ran.get)
     return sel["best"]
 
 
@@ -225,9 +244,14 @@ def main(argv=None) -> int:
                 continue
             method, key = ROWS[row].method, ROWS[row].published
             pub, source = published(key)
-            method = {**pub, **method, **({"loss": best_d} if row == "fmkt (best D)" else {})}
+            method = fmkt_with(best_d) if row == "fmkt (best D)" else {**pub, **method}
             todo.append(dict(row=row, seed=seed, method=method, settings=f"{method} ({source})"))
     for res in jobs(todo):
+        if res.get("failed"):  # kept apart (the table's statistics are over finished runs), and said
+            results.setdefault("failed_runs", []).append(res)
+            out.write_text(json.dumps(results, indent=1))
+            console.print(f"  {res['row']} seed {res['seed']}: failed: {res['failed']}")
+            continue
         results["runs"].append(res)
         out.write_text(json.dumps(results, indent=1))
         console.print(f"  {res['row']} seed {res['seed']}: top-1 {headline(res):.2f} ({res['seconds']:.0f} s)")

@@ -89,7 +89,8 @@ def markdown(results: dict) -> str:
     settings = "\n".join(f"- `{r['row']}`: {r['settings']}" for r in summarise(results) if r["settings"])
     sel = results.get("selection")
     sel_line = (f"\nFM-KT's loss D chosen on {sel['holdout']} held-out training images (seed 0, K = 8): "
-                + ", ".join(f"{d} {v:.2f}" for d, v in sel["holdout_top1"].items()) + f" -> **{sel['best']}**.\n"
+                + ", ".join(f"{d} {v:.2f}" if v is not None else f"{d} failed ({sel.get('failed', {}).get(d, '?')})"
+                            for d, v in sel["holdout_top1"].items()) + f" -> **{sel['best']}**.\n"
                 if sel else "")
     return (f"Protocol **{p['name']}** ({p['description']}). Teacher {t['arch']}: {t['accuracy']:.2f} % top-1 "
             f"(last epochs of its curve: {curve}). Student {p['student']}, {p['epochs']} epochs, seeds "

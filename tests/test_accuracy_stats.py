@@ -105,3 +105,41 @@ def test_a_second_call_with_other_rows_adds_to_the_same_file(tmp_path, monkeypat
     assert trained == [("none", 0), ("kd", 0), ("none", 1), ("kd", 1), ("dkd", 0), ("dkd", 1)]
     assert sorted((r["row"], r["seed"]) for r in doc["runs"]) == sorted(trained)
     assert "| dkd | 2 |" in out.with_suffix(".md").read_text()
+
+
+def test_best_d_is_chosen_on_held_out_images_and_runs_with_its_own_parameters(tmp_path, monkeypatch):
+    """The "fmkt (best D)" row: every registered D trained once on seed 0 with data.holdout (never the test split),
+    the best held-out top-1 at K = 8 wins; the row then runs FM-KT's published choices with that D, whose
+    parameters are its own (DIST's published beta/gamma/tau are not handed to another loss)."""
+    from fmkt.losses import LOSSES
+
+    jobs = []
+    held_out = {d: 80.0 + i for i, d in enumerate(LOSSES)}
+    held_out["kd"] = 99.0  # kd wins
+
+    def fake_run(job):
+        jobs.append(job)
+        if job["row"] == "select mse":  # a D that diverges: recorded with its reason, the others still compared
+            return {"row": job["row"], "seed": 0, "method": "fmkt", "failed": "the loss became inf", "top1": {},
+                    "settings": ""}
+        top = held_out[job["method"]["loss"]] if job["row"].startswith("select") else 85.0
+        return run(job["row"], job["seed"], {"8": top}, method="fmkt", encoder="conv")
+
+    monkeypatch.setattr(accuracy, "run_one", fake_run)
+    monkeypatch.setattr(accuracy, "teacher_record", lambda p, args, console: {"arch": "wrn_16_2", "accuracy": 88.0,
+                                                                             "curve": [88.0]})
+    out = tmp_path / "acc.json"
+    assert accuracy.main(["--protocol", "cpu", "--seeds", "0,1", "--rows", "fmkt (best D)", "--out", str(out),
+                          "--work", str(tmp_path / "w")]) == 0
+    selection = [j for j in jobs if j["row"].startswith("select")]
+    assert sorted(j["method"]["loss"] for j in selection) == sorted(LOSSES)
+    assert all(j["data"] == {"holdout": accuracy.PROTOCOLS["cpu"].holdout} and j["seed"] == 0 for j in selection)
+    final = [j for j in jobs if j["row"] == "fmkt (best D)"]
+    assert [j["seed"] for j in final] == [0, 1]
+    assert final[0]["method"]["loss"] == "kd" and "loss_params" not in final[0]["method"]
+    assert final[0]["method"]["schedule"] == "rectified" and final[0]["method"]["train_steps"] == "8"
+    assert accuracy.fmkt_with("dist")["loss_params"] == {"beta": 2.0, "gamma": 2.0, "tau": 1.0}
+    selection_record = json.loads(out.read_text())["selection"]
+    assert selection_record["best"] == "kd" and selection_record["holdout_top1"]["mse"] is None
+    assert selection_record["failed"] == {"mse": "the loss became inf"}
+    assert "mse failed (the loss became inf)" in out.with_suffix(".md").read_text()
