@@ -2,12 +2,15 @@
 
     python benchmarks/accuracy.py --protocol converged --jobs 4    # the GPU protocol (full data, 30 epochs, 5 seeds)
     python benchmarks/accuracy.py --protocol cpu --jobs 2          # what 2 CPU cores afford (~2 h), labelled as such
+    python benchmarks/accuracy.py --protocol core --epochs 3 --jobs 5  # the 5 core rows (scripts/gpu_accuracy.sh core)
     python benchmarks/accuracy.py                                  # the recipe's own setting (the older CPU table)
     python benchmarks/accuracy.py --report-only --out FILE         # the tables of the runs saved in FILE
 
 Protocols (PROTOCOLS): ``converged``: the full 60,000 / 10,000 split, a wrn_16_2 teacher trained to convergence
 (its curve is reported), students for 30 epochs (the table shows how much the last 5 epochs still moved), seeds
-0-4, every row below; ``cpu``: a 10,000-image seeded subset, 6 epochs, seeds 0-2, the rows 2 cores can afford.
+0-4, every row below; ``cpu``: a 10,000-image seeded subset, 6 epochs, seeds 0-2, the rows 2 cores can afford;
+``core``: full data, seeds 0-2, the student alone, KD, DKD, DIST and FM-KT, as many epochs as the GPU time box of
+``scripts/gpu_accuracy.sh core`` affords (``--epochs``, the same for every row; ``--teacher-epochs`` for the teacher).
 Rows (ROWS): the student alone; KD, DKD and DIST at their authors' published CIFAR-100 settings; FM-KT with its
 authors' choices (DIST as D, rectified flow, N = 8) and with the best D found on held-out training images (never
 the test split); FM-KT^Theta and OFM-KT; logit standardization (LS) with KD, DKD and FM-KT; FM-KT^Theta with the
@@ -17,8 +20,9 @@ come from fmkt.distillers.published.
 One teacher is trained once (seed 0) and shared by every run. Each finished run is saved at once to the JSON
 file; a rerun skips the runs already there, so an interrupted benchmark continues where it stopped. ``--jobs N``
 runs N trainings at once (several fit on one GPU). Writes the JSON (every run with its per-epoch history) and a
-Markdown table (benchmarks/accuracy_stats.py: mean +- std, paired differences to FM-KT with a t-test, the
-convergence check).
+Markdown table (benchmarks/accuracy_stats.py: mean +- std, paired differences to FM-KT with a t-test and an exact
+sign-flip test, Holm-adjusted over the rows, and the convergence check at the same fraction of the LR schedule, which
+each history entry records as ``lr_fraction``).
 """
 from __future__ import annotations
 
@@ -55,15 +59,16 @@ class Row:
     published: str | None  # key of fmkt.distillers.published.PUBLISHED, None = fmkt defaults
     cpu: bool = False  # in the CPU protocol
     recipe: bool = False  # in the recipe protocol (the older table)
+    core: bool = False  # in the GPU core protocol (the baselines and FM-KT: scripts/gpu_accuracy.sh core)
 
 
 ROWS = {
-    "none": Row({"name": "none"}, None, cpu=True, recipe=True),
-    "kd": Row({"name": "kd"}, "kd", cpu=True, recipe=True),
-    "dkd": Row({"name": "dkd"}, "dkd", cpu=True, recipe=True),
-    "dist": Row({"name": "dist"}, "dist", cpu=True, recipe=True),
+    "none": Row({"name": "none"}, None, cpu=True, recipe=True, core=True),
+    "kd": Row({"name": "kd"}, "kd", cpu=True, recipe=True, core=True),
+    "dkd": Row({"name": "dkd"}, "dkd", cpu=True, recipe=True, core=True),
+    "dist": Row({"name": "dist"}, "dist", cpu=True, recipe=True, core=True),
     "fmkt": Row({"name": "fmkt", "loss": "dist", "schedule": "rectified", "train_steps": "8"}, "fmkt", cpu=True,
-                recipe=True),
+                recipe=True, core=True),
     "fmkt (best D)": Row({"name": "fmkt"}, "fmkt", cpu=True),
     "theta": Row({"name": "theta"}, "fmkt", cpu=True, recipe=True),
     "ofmkt": Row({"name": "ofmkt"}, "fmkt", recipe=True),
@@ -80,6 +85,9 @@ PROTOCOLS = {
                     (0, 1, 2), 8, tuple(r for r, x in ROWS.items() if x.cpu), 1000),
     "recipe": Protocol("recipe", "the fashion-mnist recipe's own setting (10,000 images, 4 epochs)", 10000, 4,
                        (0, 1, 2), 8, tuple(r for r, x in ROWS.items() if x.recipe), 1000),
+    "core": Protocol("core", "full 60,000 / 10,000 split, the five core rows, 3 seeds, as many epochs as the GPU time "
+                     "box affords (scripts/gpu_accuracy.sh core): not converged", None, 3, (0, 1, 2), 8,
+                     tuple(r for r, x in ROWS.items() if x.core), 5000),
 }
 
 
@@ -89,6 +97,7 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", default=None, help="override the protocol's seeds, e.g. 0,1,2")
     ap.add_argument("--rows", default=None, help="override the protocol's rows (comma list of ROWS)")
     ap.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
+    ap.add_argument("--teacher-epochs", type=int, default=None, help="override the protocol's teacher epochs")
     ap.add_argument("--train-subset", type=int, default=None, help="override the protocol's subset (a smoke run)")
     ap.add_argument("--jobs", type=int, default=1, help="trainings at once (several fit on one GPU)")
     ap.add_argument("--data-dir", default=None)
@@ -119,9 +128,19 @@ def base_config(p: Protocol, args, seed: int, out: str, method: dict | None = No
                   **({"dir": args.data_dir} if args.data_dir else {}),
                   **(data or {})},
          "train": {"seed": seed, "epochs": args.epochs or p.epochs, "eval_every": 1},
-         "teacher": {"epochs": p.teacher_epochs}, "student": p.student, "out": out,
+         "teacher": {"epochs": args.teacher_epochs or p.teacher_epochs}, "student": p.student, "out": out,
          "method": {"eval_steps": [1, 2, 4, 8], **(method or {})}}
     return build_config("fashion-mnist", [o])
+
+
+def history_entry(h: dict, cfg) -> dict:
+    """One epoch as saved: its top-1 per K, its training images/s (several runs share a GPU: the rate each got) and
+    LR / peak LR at its end (fmkt.optim.lr_factor), so the convergence check compares every row at the same point of
+    the schedule."""
+    from fmkt.optim import lr_factor
+
+    return {"epoch": h["epoch"], "top1": h.get("top1", {}), "images_per_s": h.get("images_per_s"),
+            "lr_fraction": round(lr_factor(cfg, h["epoch"]), 6)}
 
 
 def run_one(job: dict) -> dict:
@@ -155,7 +174,7 @@ def run_one(job: dict) -> dict:
     return {"row": job["row"], "seed": job["seed"], "method": cfg.method.name, "encoder": cfg.method.encoder
             if METHODS[cfg.method.name].flow else None, "top1": res.last, "best": res.best,
             "seconds": round(res.seconds, 1), "settings": job["settings"],
-            "history": [{"epoch": h["epoch"], "top1": h.get("top1", {})} for h in res.history]}
+            "history": [history_entry(h, cfg) for h in res.history]}
 
 
 def teacher_record(p: Protocol, args, console) -> dict:
@@ -218,7 +237,10 @@ def main(argv=None) -> int:
     # a later call with other --rows or --seeds adds to the same file: the table lists every row run so far
     done_rows, done_seeds = results.get("rows", []), results.get("seeds", [])
     results.update(protocol={"name": p.name, "description": p.description, "student": p.student,
-                             "epochs": args.epochs or p.epochs}, seeds=sorted(set(done_seeds) | set(seeds)),
+                             "epochs": args.epochs or p.epochs,
+                             "teacher_epochs": args.teacher_epochs or p.teacher_epochs,
+                             "train_subset": args.train_subset or p.train_subset},
+                   seeds=sorted(set(done_seeds) | set(seeds)),
                    rows=done_rows + [r for r in rows if r not in done_rows],
                    commands=[*results.get("commands", []), "python " + " ".join(sys.argv)],
                    environment=environment(), date=time.strftime("%Y-%m-%d"))

@@ -110,15 +110,28 @@ class EngineRunner:
         lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
         return int(lo[0]), int(hi[0])
 
+    def shape_refusal(self, shape: tuple) -> str:
+        """Why the engine refuses input ``shape`` (B, C, H, W): an image shape other than the engine's (C, H, W),
+        a batch outside its optimization profile, or both; one sentence with what to do."""
+        lo, _, hi = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
+        shape = tuple(int(d) for d in shape)
+        wrong, fix = [], []
+        if shape[1:] != hi[1:]:
+            wrong.append(f"takes images of shape (C, H, W) = {hi[1:]}, not {shape[1:]}")
+            fix.append("pass images of the artifact's input size and channels")
+        if not lo[0] <= shape[0] <= hi[0]:
+            wrong.append(f"takes batches of {lo[0]} to {hi[0]} images (its optimization profile), not {shape[0]}")
+            fix.append("rebuild it with `fmkt-cli export --format trt --batch MIN:OPT:MAX` covering the batch")
+        if not wrong:  # not expected: TensorRT refuses only these
+            return f"the TensorRT engine refused the input shape {shape} (its profile: {lo} to {hi})."
+        return f"the TensorRT engine {' and '.join(wrong)}; {' and '.join(fix)}."
+
     def bind(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Set the input shape and the I/O addresses for ``images``; returns (input, output) CUDA buffers.
 
-        A batch outside the profile is one sentence naming the range (set_input_shape only returns False)."""
+        A shape the engine refuses is one sentence naming what is wrong (set_input_shape only returns False)."""
         if not self.context.set_input_shape(self.input_name, tuple(images.shape)):
-            lo, hi = self.profile_range()
-            raise FmktError(f"the TensorRT engine takes batches of {lo} to {hi} images (its optimization profile), "
-                            f"not {images.shape[0]}; rebuild it with `fmkt-cli export --format trt --batch "
-                            "MIN:OPT:MAX` covering the batch.")
+            raise FmktError(self.shape_refusal(tuple(images.shape)))
         x = images.to("cuda", self.in_dtype).contiguous()
         out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.out_dtype,
                           device="cuda")

@@ -27,14 +27,15 @@ from fmkt.artifact import run_record, save_artifact
 from fmkt.commands import check_method_names
 from fmkt.config import Config, OptimConfig, apply_overrides, validate_method
 from fmkt.distillers import METHODS, build_distiller
-from fmkt.engine import NonFiniteLoss, epoch_record, nonfinite_loss, train_step
 from fmkt.errors import FmktError
 from fmkt.evaluation import count_correct, eval_keys
 from fmkt.import_paths import import_path_of, well_formed
+from fmkt.meter import epoch_record
 from fmkt.models import list_models
 from fmkt.models.adapter import ModuleAdapter, is_zoo_backbone
-from fmkt.optim import build_optimizer, build_scheduler
+from fmkt.optim import build_optimizer, build_scheduler, epoch_lr
 from fmkt.runtime import FP32
+from fmkt.step import NonFiniteLoss, nonfinite_loss, train_step
 from fmkt.student import DeployableModel, StudentSpec, build_student, spec_of
 from fmkt.teacher import teacher_sha256
 
@@ -182,7 +183,7 @@ class FMKT(nn.Module):
                 for k, v in self.last_losses.items():
                     sums[k] = sums.get(k, 0.0) + v * len(labels)
                 seen += len(labels)
-            record = epoch_record(epoch, opt.param_groups[0]["lr"], sums, seen, time.perf_counter() - t0)
+            record = epoch_record(epoch, epoch_lr(cfg, epoch, iters), sums, seen, time.perf_counter() - t0)
             if test_loader is not None:
                 record["top1"] = self.evaluate(test_loader, eval_steps)
             history.append(record)

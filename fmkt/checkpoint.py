@@ -13,7 +13,7 @@ import torch
 from fmkt import __version__
 from fmkt.errors import FmktError
 from fmkt.files import atomic_path
-from fmkt.optim import lr_onto_device
+from fmkt.optim import load_optimizer_state
 
 CHECKPOINT = "checkpoint.pt"
 # Keys that may change between a run and its --resume (they do not change the result).
@@ -33,6 +33,15 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def training_state(distiller, optimizer, scheduler, config: dict, epoch: int, step_in_epoch: int, history: list,
+                   best: dict, sums: dict | None = None, seen: int = 0) -> dict:
+    """The checkpoint's payload (what :func:`restore` and the engine's resume read back): the learnable weights,
+    optimiser, scheduler and RNG state, where the run is, its history, and the epoch's running loss sums."""
+    return {"epoch": epoch, "step_in_epoch": step_in_epoch, "model": distiller.learnable_state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+            "config": config, "history": history, "best": best, "epoch_sums": dict(sums or {}), "epoch_seen": seen}
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -79,8 +88,7 @@ def restore(ckpt: dict, path: Path, cfg_dict: dict, distiller, optimizer, schedu
         raise FmktError(f"--resume refused: the configuration differs from the checkpoint's in {', '.join(diff)}.")
     try:
         distiller.load_learnable_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        lr_onto_device(optimizer)
+        load_optimizer_state(optimizer, ckpt["optimizer"])  # a device-tensor LR stays one (a graph reads it)
         scheduler.load_state_dict(ckpt["scheduler"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise FmktError(f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0][:160]}); "

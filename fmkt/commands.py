@@ -20,9 +20,9 @@ from fmkt.checkpoint import CHECKPOINT
 from fmkt.config import Config, DataConfig, MethodConfig
 from fmkt.data import data_options, dataset_info, is_folder, load_dataset
 from fmkt.distillers import METHODS, check_method
-from fmkt.engine import FitResult, fit, student_spec
+from fmkt.engine import FitResult, evaluation_split, fit, load_data, student_spec
 from fmkt.errors import FmktError
-from fmkt.evaluation import eval_keys, evaluate
+from fmkt.evaluation import eval_keys, evaluate, evaluated_images
 from fmkt.files import check_output_dir
 from fmkt.import_paths import is_import_path, resolve
 from fmkt.logs import LOGGERS, check_logger
@@ -181,12 +181,17 @@ def obtain_teacher(cfg: Config, console: Console):
     return load_teacher(artifact, arch=t.student, **common)
 
 
-def teacher_accuracy(teacher, cfg: Config) -> float:
-    _, test, _ = load_dataset(cfg.data.name, cfg.data.dir, **data_options(cfg.data))
-    if cfg.data.test_subset:
-        test = test.subset(cfg.data.test_subset, seed=0)
+def teacher_evaluation(teacher, cfg: Config) -> dict:
+    """fmkt.json's teacher accuracy keys: top-1 % on the images the student is evaluated on (``load_data``'s: the
+    held-out training images under data.holdout), the split's description and the images scored."""
+    _, test, _ = load_data(cfg)
     device = resolve_device(cfg.train.device)
-    return evaluate(teacher, test, ["plain"], cfg.data.eval_batch_size, device)["plain"]
+    accuracy = evaluate(teacher, test, ["plain"], cfg.data.eval_batch_size, device)["plain"]
+    return {"accuracy": accuracy, "split": evaluation_split(cfg), **evaluated_images(test)}
+
+
+def teacher_accuracy(teacher, cfg: Config) -> float:
+    return teacher_evaluation(teacher, cfg)["accuracy"]
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -231,7 +236,7 @@ def _distill(cfg: Config, resume: bool, console: Console) -> FitResult:
     teacher, record = None, None
     if METHODS[cfg.method.name].needs_teacher:
         teacher, record = obtain_teacher(cfg, console)
-        record["accuracy"] = teacher_accuracy(teacher, cfg)
+        record.update(teacher_evaluation(teacher, cfg))
     elif cfg.teacher.path:
         console.print(f"note: method {cfg.method.name!r} uses no teacher; ignoring {cfg.teacher.path}")
     return fit(cfg, teacher=teacher, teacher_info=record, resume=resume, console=console)

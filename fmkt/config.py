@@ -60,7 +60,7 @@ class MethodConfig:
     eval_steps: list = field(default_factory=lambda: [1, 2, 4, 8])
     dirac_ratio: float = 1.0
     theta_weight: float = 1.0
-    dkd_warmup_epochs: float = 20.0
+    dkd_warmup_epochs: float = 20.0  # DKD's min(epoch / WARMUP, 1), epochs from 1 as mdistiller (0: none)
 
     def train_step_choices(self) -> list[int]:
         return parse_int_list(str(self.train_steps), "method.train_steps", minimum=1)
@@ -155,6 +155,8 @@ def _coerce(value, tp, key: str):
             raise FmktError(f"config key {key} must be an integer, got {value!r}.")
         return out
     if tp is str:
+        if isinstance(value, bool):  # a YAML file's bare on/off (train.fast_path: on) arrives as a boolean
+            return "on" if value else "off"
         if isinstance(value, (list, tuple)):
             return ",".join(map(str, value))
         if isinstance(value, dict):
@@ -205,6 +207,8 @@ def parse_set(items: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw.strip()  # YAML 1.1 reads on/off/yes/no as booleans; a bool key still takes them
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -1,7 +1,7 @@
 """One training loop for every method, in named pieces: prepare -> train_epoch -> train_step -> finish
 (mdistiller's train -> train_epoch -> train_iter). :func:`fit` writes ``OUT/config.yaml``, ``OUT/metrics.jsonl``,
-``OUT/checkpoint.pt`` (fmkt/checkpoint.py) and the artifact ``OUT/artifact``; :func:`train_step` (forward, finite
-check, backward, optimiser and LR step) is the unit the Python API reuses and a fast path can capture.
+``OUT/checkpoint.pt`` (fmkt/checkpoint.py) and the artifact ``OUT/artifact``. The step is fmkt.capture.make_step's:
+fmkt.step's eager step, or that step's body captured as a CUDA graph.
 
 One process or ``torchrun`` DDP alike: each rank trains on its shard with ``data.batch_size / WORLD_SIZE`` images
 per step (the global batch), the distiller is wrapped in DistributedDataParallel (the frozen teacher has no
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,17 +21,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fmkt.artifact import run_record, save_artifact
-from fmkt.capture import CapturedStep, fast_path_plan
-from fmkt.checkpoint import CHECKPOINT, load_checkpoint, restore, rng_state, save_checkpoint
+from fmkt.capture import fast_path_plan, make_step
+from fmkt.checkpoint import CHECKPOINT, load_checkpoint, restore, save_checkpoint, training_state
 from fmkt.config import Config, save_config
 from fmkt.data import check_split, data_options, folder_record, load_dataset, make_loader, resident
 from fmkt.distillers import build_distiller, check_method
 from fmkt.errors import FmktError
-from fmkt.evaluation import eval_keys, evaluate, step_label
+from fmkt.evaluation import eval_keys, evaluate, evaluated_images, step_label
 from fmkt.files import atomic_path, check_output_dir, ensure_writable_dir, remove_stale_temporaries
 from fmkt.logs import NoLogger, open_logger
-from fmkt.optim import build_optimizer, build_scheduler
-from fmkt.step import NonFiniteLoss, nonfinite_loss, train_step
+from fmkt.meter import EpochMeter, NonFiniteStep, epoch_record
+from fmkt.optim import build_optimizer, build_scheduler, epoch_lr, scheduled_lr
+from fmkt.step import NonFiniteLoss, nonfinite_loss, train_step  # noqa: F401 (train_step: the API's)
 from fmkt.runtime import FP32, distributed, rank_and_world, resolve_device, seed_everything, sum_over_ranks
 from fmkt.student import DeployableModel, StudentSpec, build_student, spec_of
 
@@ -60,13 +61,6 @@ def make_progress(console: Console, enabled: bool = True) -> Progress:
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         console=console, transient=True, disable=not (enabled and console.is_terminal),
     )
-
-
-def epoch_record(epoch: int, lr: float, sums: dict, seen: int, seconds: float) -> dict:
-    """metrics.jsonl's line for one epoch (the API's fit returns the same keys)."""
-    return {"epoch": epoch + 1, "lr": float(lr), "train_loss": sum(sums.values()) / max(seen, 1),
-            **{k: v / max(seen, 1) for k, v in sums.items()}, "epoch_seconds": round(seconds, 3),
-            "images_per_s": round(seen / max(seconds, 1e-9), 1)}
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -112,11 +106,8 @@ class Run:
     resumed_seen: int = 0
     last_good: Path | None = None
     t_start: float = field(default_factory=time.perf_counter)
-    step: object = None  # (images, labels, progress) -> losses: eager_step or a fmkt.capture.CapturedStep
+    step: object = None  # (images, labels, progress) -> losses: fmkt.capture.make_step's (eager or captured)
     logger: object = field(default_factory=NoLogger)  # fmkt.logs: train.log's per-step and per-epoch scalars
-
-    def eager_step(self, images, labels, progress: float) -> dict:
-        return train_step(self.model, self.optimizer, self.scheduler, images, labels, progress, self.amp)
 
     @property
     def master(self) -> bool:  # only rank 0 writes files and shows progress
@@ -171,13 +162,13 @@ def prepare(cfg: Config, teacher, teacher_record, resume: bool, console, extra) 
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     train_set, test_set, data = load_data(cfg)
-    on_gpu, capture, line = fast_path_plan(cfg.train.fast_path, cfg, device, world, check_method(cfg.method.name))
-    if on_gpu and not resident(train_set):  # an image folder stays on the host: workers decode into pinned memory
-        on_gpu, line = False, line.replace("data on the GPU", "images decoded by host workers")
+    plan = fast_path_plan(cfg.train.fast_path, cfg, device, world, check_method(cfg.method.name))
+    if plan.on_gpu and not resident(train_set):  # an image folder stays on the host: workers decode into pinned memory
+        plan = replace(plan, on_gpu=False, line=plan.line.replace("data on the GPU", "images decoded by host workers"))
     if device.type == "cuda":
-        console.print(line, highlight=False)
-    student, distiller = build_models(cfg, data, teacher, device, console, captured=capture)
-    if on_gpu:  # moved once: every batch is indexed and augmented on the GPU (the same batches as on the host)
+        console.print(plan.line, highlight=False)
+    student, distiller = build_models(cfg, data, teacher, device, console, captured=plan.capture)
+    if plan.on_gpu:  # moved once: every batch is indexed and augmented on the GPU (the same batches as on the host)
         train_set, test_set = train_set.to(device), test_set.to(device)
     loader = make_loader(train_set, cfg.data.batch_size // world, shuffle=True,
                          augment_info=data if cfg.data.augment else None, seed=cfg.train.seed, drop_last=True,
@@ -185,7 +176,8 @@ def prepare(cfg: Config, teacher, teacher_record, resume: bool, console, extra) 
     if len(loader) == 0:
         raise FmktError(f"the training set ({len(train_set)} images) is smaller than one batch "
                         f"({cfg.data.batch_size}); lower data.batch_size.")
-    optimizer = build_optimizer(cfg, distiller.parameters())
+    optimizer = build_optimizer(cfg, distiller.parameters(), device_lr=plan.capture or None,
+                                capturable=plan.capture)
     keys = eval_keys(student, cfg.method.eval_steps)
     run = Run(cfg=cfg, console=console, device=device, amp=cfg.train.amp and device.type == "cuda", rank=rank,
               world=world, out=out, train_set=train_set, test_set=test_set, data=data, student=student,
@@ -195,7 +187,7 @@ def prepare(cfg: Config, teacher, teacher_record, resume: bool, console, extra) 
     if resume:
         resume_from_checkpoint(run)
     open_outputs(run)
-    run.step = CapturedStep(run.model, optimizer, run.scheduler, run.amp) if capture else run.eager_step
+    run.step = make_step(run, plan)
     return run
 
 
@@ -231,54 +223,71 @@ def open_outputs(run: Run) -> None:
 
 def checkpoint(run: Run, epoch: int, step_in_epoch: int, sums: dict | None = None, seen: int = 0) -> None:
     if run.master:
-        save_checkpoint(run.ckpt_path, {
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "model": run.distiller.learnable_state_dict(),
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rng_state(),
-            "config": run.cfg.to_dict(), "history": run.history, "best": run.best,
-            "epoch_sums": dict(sums or {}), "epoch_seen": seen,
-        })
+        save_checkpoint(run.ckpt_path, training_state(run.distiller, run.optimizer, run.scheduler, run.cfg.to_dict(),
+                                                      epoch, step_in_epoch, run.history, run.best, sums, seen))
     run.last_good = run.ckpt_path
 
 
 def train_epoch(run: Run, epoch: int, progress: Progress) -> None:
-    """One epoch: the steps (skipping those a mid-epoch checkpoint already did), then the record and evaluation."""
+    """One epoch: the steps (skipping those a mid-epoch checkpoint already did), then the record and evaluation.
+    The losses are read from the device at ~2 Hz, before a checkpoint and at the end (fmkt.meter)."""
     cfg, iters = run.cfg, len(run.loader)
     run.distiller.train()
     run.loader.set_epoch(epoch)
     task = progress.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=iters, loss=0.0, ips=0.0)
-    sums, seen, t0 = {}, 0, time.perf_counter()
     skip = run.start_step if epoch == run.start_epoch else 0
-    if skip:  # the checkpoint's sums are global (all ranks); keep them on rank 0 only, summed later
-        sums, seen = (run.resumed_sums, run.resumed_seen) if run.master else ({k: 0.0 for k in run.resumed_sums}, 0)
+    sums, seen = {}, 0
+    if skip:  # the checkpoint's sums are global (all ranks): kept on rank 0 only, summed later
+        sums, seen = (run.resumed_sums, run.resumed_seen) if run.master else (dict.fromkeys(run.resumed_sums, 0.0), 0)
+    meter = EpochMeter(sums, seen)
     run.loader.skip(skip)  # the batches a mid-epoch checkpoint already did are not even built (or decoded)
     progress.advance(task, skip)
+    t0 = time.perf_counter()
     for step, (images, labels) in enumerate(run.loader, start=skip):
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
         try:
             losses = run.step(images, labels, epoch + step / iters)
         except NonFiniteLoss as exc:
-            updated = bool(epoch or step or run.last_good)
-            raise nonfinite_loss(exc.value, epoch, step, updated=updated, last_good=run.last_good) from None
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) * labels.numel()
-        seen += labels.numel()
-        ips = seen / max(time.perf_counter() - t0, 1e-9)
-        progress.update(task, advance=1, loss=float(sum(losses.values()).detach()), ips=ips)
-        run.logger.step(epoch * iters + step + 1, losses, run.optimizer.param_groups[0]["lr"], ips)
+            raise nonfinite_loss_of(run, epoch, step, exc.value) from None
+        meter.add(step, losses, labels.numel(), scheduled_lr(cfg, epoch * iters + step, iters))
         every = cfg.train.checkpoint_every_steps
-        if every and (step + 1) % every == 0 and step + 1 < iters:
-            checkpoint(run, epoch, step + 1, *sum_over_ranks(sums, seen, run.device))
+        save = bool(every) and (step + 1) % every == 0 and step + 1 < iters
+        if save or meter.due() or step + 1 == iters:
+            show_steps(run, meter, epoch, progress, task, t0)
+        if save:
+            checkpoint(run, epoch, step + 1, *sum_over_ranks(meter.sums, meter.seen, run.device))
+    show_steps(run, meter, epoch, progress, task, t0)
     progress.remove_task(task)
-    failed = getattr(run.step, "failed", None)
-    if failed and epoch == run.start_epoch:
-        run.console.print(f"fast path: the step could not be captured ({failed}); trained eagerly", highlight=False)
-    end_epoch(run, epoch, *sum_over_ranks(sums, seen, run.device), time.perf_counter() - t0)
+    sums, seen = sum_over_ranks(meter.sums, meter.seen, run.device)
+    trained = seen - (run.resumed_seen if skip else 0)
+    end_epoch(run, epoch, sums, seen, time.perf_counter() - t0, trained)
 
 
-def end_epoch(run: Run, epoch: int, sums: dict, seen: int, seconds: float) -> None:
+def show_steps(run: Run, meter: EpochMeter, epoch: int, progress: Progress, task, t0: float) -> None:
+    """Read the pending steps' losses (one host sync) into the sums, the progress bar and train.log's step log."""
+    try:
+        records = meter.read()
+    except NonFiniteStep as exc:
+        raise nonfinite_loss_of(run, epoch, exc.step, exc.value) from None
+    if not records:
+        return
+    ips = meter.trained / max(time.perf_counter() - t0, 1e-9)
+    iters = len(run.loader)
+    for r in records:
+        run.logger.step(epoch * iters + r.step + 1, r.losses, r.lr, ips)
+    progress.update(task, advance=len(records), loss=records[-1].loss, ips=ips)
+
+
+def nonfinite_loss_of(run: Run, epoch: int, step: int, value: float):
+    """The one sentence for a NaN/Inf loss at (epoch, step) of this run."""
+    updated = bool(epoch or step or run.last_good)
+    return nonfinite_loss(value, epoch, step, updated=updated, last_good=run.last_good)
+
+
+def end_epoch(run: Run, epoch: int, sums: dict, seen: int, seconds: float, trained: int | None = None) -> None:
     """The epoch's record (+ top-1 per K when evaluated), appended to metrics.jsonl; the end-of-epoch checkpoint."""
     cfg = run.cfg
-    record = epoch_record(epoch, run.optimizer.param_groups[0]["lr"], sums, seen, seconds)
+    record = epoch_record(epoch, epoch_lr(cfg, epoch, len(run.loader)), sums, seen, seconds, trained)
     if run.world > 1:  # BatchNorm running statistics are per rank: evaluate (and save) rank 0's everywhere
         for buf in run.distiller.student.buffers():
             dist.broadcast(buf, 0)
@@ -315,7 +324,8 @@ def finish(run: Run) -> FitResult:
                                      "class_names": list(run.data.class_names) if run.data.class_names else None,
                                      **folder_record(run.train_set, run.test_set)},
                             metrics={"last": last, "best": run.best, "epochs": run.cfg.train.epochs,
-                                     "precision": FP32, "split": evaluation_split(run.cfg)},
+                                     "precision": FP32, "split": evaluation_split(run.cfg),
+                                     **evaluated_images(run.test_set)},
                             **distributed_run, **run.extra)
         save_artifact(artifact, run.student.cpu(), spec_of(run.student).to_json(), record)
     run.logger.close()

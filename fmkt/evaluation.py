@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fmkt.data import make_loader, shard
+from fmkt.data import make_loader, resident, shard
 from fmkt.runtime import ddp_active, strict_fp32
 from fmkt.student import DeployableModel
 
@@ -32,8 +32,10 @@ def evaluate(model: DeployableModel, data, keys: list[str], batch_size: int, dev
     evaluation transform) for each key; IEEE fp32 whatever the training precision.
 
     Under DDP each rank counts its shard (items r, r + W, ...) and the counts are summed: every rank returns the
-    same numbers, those of the whole set (the caller makes the models equal first).
+    same numbers, those of the whole set (the caller makes the models equal first). The number of images scored
+    (an image folder leaves out the files it cannot decode) is noted on ``data`` for :func:`evaluated_images`.
     """
+    whole = data
     if ddp_active():
         data = shard(data, dist.get_rank(), dist.get_world_size())
     loader = make_loader(data, batch_size, shuffle=False, augment_info=None, seed=0, device=device)
@@ -42,7 +44,18 @@ def evaluate(model: DeployableModel, data, keys: list[str], batch_size: int, dev
         counts = torch.tensor([correct[k] for k in keys] + [total], dtype=torch.float64, device=device)
         dist.all_reduce(counts)
         correct, total = {k: int(c) for k, c in zip(keys, counts[:-1].tolist())}, int(counts[-1])
+    whole.evaluated = total  # all ranks together
     return {k: 100.0 * correct[k] / max(total, 1) for k in keys}
+
+
+def evaluated_images(data) -> dict:
+    """fmkt.json's counts for an evaluation split: {"images_evaluated": images the last :func:`evaluate` of
+    ``data`` scored, all ranks together}, and for an image folder "images_unreadable": its files left out (None
+    for a folder not evaluated in this process)."""
+    if resident(data):
+        return {"images_evaluated": getattr(data, "evaluated", len(data))}
+    n = getattr(data, "evaluated", None)
+    return {"images_evaluated": n, "images_unreadable": None if n is None else len(data) - n}
 
 
 @torch.no_grad()

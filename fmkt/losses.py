@@ -96,8 +96,8 @@ def dkd_loss(
     TCKD: KL between the binary (target, non-target) distributions; NCKD: KL between the
     distributions over the non-target classes (target logit pushed down by 1000 as mdistiller
     does). Both are summed, times T^2, divided by B:
-    ``warmup_factor * (alpha * TCKD + beta * NCKD)``; the engine passes
-    ``warmup_factor = min(epoch / warmup_epochs, 1)``.
+    ``warmup_factor * (alpha * TCKD + beta * NCKD)``; the distillers pass mdistiller's
+    ``warmup_factor = min(epoch / warmup_epochs, 1)``, epochs counted from 1 (distillers/base.py).
     """
     _same_shape(logits_s, logits_t, "dkd_loss", (2,))
     if target.shape != logits_s.shape[:1]:

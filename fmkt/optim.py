@@ -1,4 +1,11 @@
-"""Optimisers and the LR schedule of a run: registered by name (``optim.name``, ``optim.scheduler``)."""
+"""Optimisers and the LR schedule of a run: registered by name (``optim.name``, ``optim.scheduler``).
+
+On CUDA the optimiser is the fused implementation (one kernel for all parameters) with the learning rate as a
+one-element tensor on the GPU, which the LR schedule fills in place. That one optimiser serves the eager step and
+the captured one (fmkt.capture): a graph reads the LR tensor at every replay, where a Python float would be
+recorded once as a constant. :func:`graph_refusal` says when an optimiser is not fit for a capture, and
+:func:`load_optimizer_state` keeps it fit across a resume.
+"""
 from __future__ import annotations
 
 import math
@@ -19,33 +26,86 @@ def lr_factor(cfg: Config, epoch_progress: float) -> float:
     return o.gamma ** sum(1 for m in o.milestones if epoch_progress >= m)
 
 
+def scheduled_lr(cfg: Config, step: int, iters_per_epoch: int) -> float:
+    """The LR that global step ``step`` (0-based) trains with: what :func:`build_scheduler` sets before it. Read
+    from the schedule, not from the optimiser, so logging it costs no device sync."""
+    return float(cfg.optim.lr) * lr_factor(cfg, step / iters_per_epoch)
+
+
+def epoch_lr(cfg: Config, epoch: int, iters_per_epoch: int) -> float:
+    """The LR of epoch ``epoch``'s last step (metrics.jsonl's ``lr``): the one the epoch ended training with."""
+    return scheduled_lr(cfg, (epoch + 1) * iters_per_epoch - 1, iters_per_epoch)
+
+
 OPTIMIZERS = {
     "sgd": lambda params, o, **kw: torch.optim.SGD(params, momentum=o.momentum, weight_decay=o.weight_decay,
                                                    nesterov=o.nesterov and o.momentum > 0, **kw),
     "adamw": lambda params, o, **kw: torch.optim.AdamW(params, weight_decay=o.weight_decay, **kw),
 }
+# what each optimiser needs to run inside a CUDA graph besides fused=True (AdamW's step() refuses a capture
+# unless capturable=True; SGD has no step counter and no such flag)
+CAPTURE_OPTIONS = {"sgd": {}, "adamw": {"capturable": True}}
 LR_SCHEDULES = ("cosine", "multistep")  # lr_factor's two shapes (both with optional linear warm-up)
+# param-group fields that describe how the step runs on this device, not the training state: a resume keeps the
+# freshly built optimiser's (a checkpoint from a CPU run, or from before the LR became a tensor, has others)
+DEVICE_FIELDS = ("fused", "foreach", "capturable", "differentiable")
 
 
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    """The configured optimiser over the trainable ``params``. On CUDA the fused implementation (one kernel for
-    all parameters) with the learning rate as a one-element GPU tensor, which the LR schedule fills in place: the
-    same optimiser serves the eager step and the captured one (fmkt.capture), which reads the LR on the GPU."""
+def build_optimizer(cfg: Config, params, *, device_lr: bool | None = None, capturable: bool = False):
+    """The configured optimiser over the trainable ``params``. ``device_lr`` (default: the parameters are on CUDA):
+    the fused implementation with the LR as a one-element tensor on the parameters' device; ``capturable``: also
+    what a CUDA-graph capture needs (AdamW's ``capturable=True``; asked only when a capture is planned, since
+    torch warns when a capturable optimiser steps outside a graph)."""
     params = [p for p in params if p.requires_grad]
-    if params and params[0].is_cuda:
+    if device_lr is None:
+        device_lr = bool(params) and params[0].is_cuda
+    if device_lr and params:
         lr = torch.tensor(float(cfg.optim.lr), device=params[0].device)
-        return OPTIMIZERS[cfg.optim.name](params, cfg.optim, lr=lr, fused=True)
+        extra = CAPTURE_OPTIONS[cfg.optim.name] if capturable else {}
+        return OPTIMIZERS[cfg.optim.name](params, cfg.optim, lr=lr, fused=True, **extra)
     return OPTIMIZERS[cfg.optim.name](params, cfg.optim, lr=cfg.optim.lr)
 
 
-def lr_onto_device(optimizer: torch.optim.Optimizer) -> None:
-    """After loading a checkpoint, put a tensor LR back on its parameters' GPU (the state was read onto the CPU)."""
-    for group in optimizer.param_groups:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimiser state, keeping what the freshly built optimiser says about this device.
+
+    ``Optimizer.load_state_dict`` replaces each param group with the saved one: a checkpoint written on the CPU
+    (or before the LR was a tensor) brings a Python-float LR and ``fused=None``, and a captured step would then
+    record that LR as a constant (the schedule would stop moving it). So the saved LR value goes into the built
+    optimiser's LR (its tensor on the parameters' device, or a float), the device fields stay the built ones, and
+    step counters live where the fused/capturable step reads them."""
+    built = [{k: g[k] for k in ("lr", *DEVICE_FIELDS) if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, fresh in zip(optimizer.param_groups, built):
+        saved_lr = float(group["lr"])
+        group.update({k: v for k, v in fresh.items() if k != "lr"})
+        if isinstance(fresh["lr"], torch.Tensor):
+            group["lr"] = fresh["lr"].fill_(saved_lr)
+        else:
+            group["lr"] = saved_lr
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32) if on_device else st["step"].cpu()
+
+
+def graph_refusal(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why ``optimizer.step()`` cannot be recorded in a CUDA graph as the schedule needs (None: it can)."""
+    name = type(optimizer).__name__
+    for i, group in enumerate(optimizer.param_groups):
         lr, device = group["lr"], group["params"][0].device
-        if isinstance(lr, torch.Tensor) and lr.device != device:
-            group["lr"] = lr.to(device)
+        if not (isinstance(lr, torch.Tensor) and lr.device == device):
+            where = f"a tensor on {lr.device}" if isinstance(lr, torch.Tensor) else f"the Python number {lr:g}"
+            return (f"param group {i}'s learning rate is {where}, not a tensor on {device}: a graph would record "
+                    "it once and the LR schedule would stop moving it")
+        if not group.get("fused"):
+            return f"{name} is not the fused implementation (its non-finite-step guard, found_inf, needs it)"
+        if "capturable" in group and not group["capturable"]:
+            return f"{name} was built with capturable=False, so its step() refuses to run inside a capture"
+    return None
 
 
 def build_scheduler(cfg: Config, optimizer, iters_per_epoch: int):
-    """The LR schedule, stepped once per iteration."""
+    """The LR schedule, stepped once per iteration (step ``s`` trains at :func:`scheduled_lr`)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it / iters_per_epoch))

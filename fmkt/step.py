@@ -1,5 +1,6 @@
 """One training step, the unit of work of every loop (fmkt.engine's, the Python API's, the captured fast path):
-forward under bf16 autocast when asked, a finite check on every rank, backward, optimiser and LR step."""
+one body (:func:`forward_backward`: forward under bf16 autocast when asked, the loss sum, backward) that the eager
+step wraps with a finite check on every rank and the optimiser and LR step, and fmkt.capture records as a graph."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -34,20 +35,35 @@ def nonfinite_loss(value: float, epoch: int, step: int, *, updated: bool, last_g
     return FmktError(f"{where}; stopped. The last good checkpoint is {last_good or 'none'}; try a lower --lr.")
 
 
-def train_step(model, optimizer, scheduler, images, labels, progress: float, amp: bool = False) -> dict:
-    """One iteration: the method's losses, a finite check (every rank together under DDP), backward, optimiser
-    and LR step. ``model`` is a distiller (or its DDP wrapper); ``progress`` the fractional epoch. Returns the
-    loss parts (tensors); raises NonFiniteLoss before touching any weight."""
-    with autocast(amp):
+def forward_backward(model, images, labels, progress: float, guard, amp: bool = False, cache_enabled: bool = True):
+    """The one step body: the method's losses (bf16 autocast when ``amp``), their sum, ``guard(loss)``, backward.
+    Returns the loss parts. The eager step (:func:`train_step`) and the captured one (fmkt.capture) both run exactly
+    this; they differ in the guard (raise on a non-finite loss, or flag it for the fused optimiser inside the
+    graph) and in what surrounds it (the optimiser and LR step)."""
+    with autocast(amp, cache_enabled=cache_enabled):
         _, losses = model(images, labels, progress)
     loss = sum(losses.values())
+    guard(loss)
+    loss.backward()
+    return losses
+
+
+def raise_if_nonfinite(loss: torch.Tensor) -> None:
+    """The eager step's guard: NonFiniteLoss unless ``loss`` is finite on every rank (under DDP every rank stops
+    together). A host sync."""
     finite = torch.isfinite(loss.detach()).float()
-    if ddp_active():  # every rank stops together
+    if ddp_active():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not bool(finite):
         raise NonFiniteLoss(loss.item())
+
+
+def train_step(model, optimizer, scheduler, images, labels, progress: float, amp: bool = False) -> dict:
+    """One eager iteration: :func:`forward_backward` guarded by a finite check (every rank together under DDP),
+    then the optimiser and LR step. ``model`` is a distiller (or its DDP wrapper); ``progress`` the fractional epoch.
+    Returns the loss parts (tensors); raises NonFiniteLoss before backward, so no weight is touched."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    losses = forward_backward(model, images, labels, progress, raise_if_nonfinite, amp)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()

@@ -116,7 +116,7 @@ def _teacher_artifact(path: Path, in_channels: int) -> tuple[DeployableModel, di
     if channels != in_channels:
         raise FmktError(f"teacher {path} takes {channels}-channel images but the data has {in_channels} channels.")
     return model, {"sha256": teacher_sha256(path), "arch": meta["model"]["arch"], "source": str(path),
-                   "accuracy": (meta.get("metrics") or {}).get("last", {}).get("1")}
+                   "accuracy": (meta.get("metrics") or {}).get("last", {}).get("plain")}  # a plain model's key
 
 
 def _load_weights(model: DeployableModel, state: dict, path: Path, arch: str, num_classes: int,

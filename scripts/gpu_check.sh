@@ -3,8 +3,11 @@
 # (the machine already has torch and triton), then run the stages named in $FMKT_GPU_STAGES (default: all):
 #   triton    the Triton training path against the torch path under bf16: one step (loss + every gradient) and
 #             20 steps, the fused step on the training shape, images/s of both  -> benchmarks/triton_vs_torch.py
-#   speed     the captured training step against the eager one (tests/test_capture.py), then the training-speed
-#             table: methods x eager/fast x kernel x batch 128/512 -> benchmarks/train_speed.py
+#   fastpath  issue 20's checks: an image folder with 2 workers past the capture; tests/test_capture.py on CUDA
+#             (every method x SGD/AdamW x fresh/resumed-from-CPU captured, the LR a resumed graph applies read from
+#             the weights, a non-finite replay a no-op, bf16); SIGKILL + --resume of a captured run; the CLI's own
+#             images/s captured vs eager -> scripts/gpu_fast_path.py (gpu_fast_path.json)
+#   speed     the training-speed table: methods x eager/fast x kernel x batch 128/512 -> benchmarks/train_speed.py
 #   numerics  TF32 against the fp32 gate; AOTInductor on CUDA: a plain torch CNN (is a crash torch's?) and
 #             `fmkt-cli export --format aoti --device cuda` (a crash must end as one sentence) -> scripts/gpu_numerics.py
 #   tests     the CUDA tests: kernels compiled (not interpreted), bf16 estimates on both paths, bench's CUDA timing
@@ -22,7 +25,7 @@ cd "$(dirname "$0")/.."
 OUT="${FMKT_BENCH_OUT:-benchmarks/results}"
 PY="${PYTHON:-python}"
 BUDGET="${FMKT_GPU_BUDGET:-540}"
-STAGES="${FMKT_GPU_STAGES:-triton tests numerics speed latency kernels compiled imagenet}"
+STAGES="${FMKT_GPU_STAGES:-fastpath triton tests numerics speed latency kernels compiled imagenet}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 mkdir -p "$OUT"
@@ -47,6 +50,12 @@ missing=$("$PY" -c "
 import importlib.util as u
 print(' '.join(m for m in ('pytest', 'numpy', 'yaml', 'typer', 'rich', 'sklearn', 'safetensors', 'onnx', 'onnxruntime', 'matplotlib') if u.find_spec(m) is None))")
 [ -n "$missing" ] && echo "note: absent here: $missing (what needs them is skipped or reported)"
+
+if want fastpath; then
+    echo "== fastpath: folder + capture with workers, captured-step tests, SIGKILL + resume, the CLI's images/s"
+    timeout "$(box 330)" "$PY" scripts/gpu_fast_path.py --out "$OUT" --budget 300 2>&1 | tee "$OUT/gpu_fast_path.log"
+    note fastpath "${PIPESTATUS[0]}"
+fi
 
 if want triton; then
     echo "== triton: Triton vs torch training path (bf16 autocast)"
@@ -74,10 +83,7 @@ if want numerics; then
 fi
 
 if want speed; then
-    echo "== speed: the captured training step against the eager one, then images/s per method and path"
-    timeout "$(box 60)" "$PY" -m pytest -q -p no:cacheprovider tests/test_capture.py 2>&1 | tee "$OUT/capture_tests.log" \
-        | tail -n 15
-    note capture "${PIPESTATUS[0]}"
+    echo "== speed: images/s per method and path"
     timeout "$(box 240)" "$PY" benchmarks/train_speed.py --device cuda --out "$OUT" 2>&1 | grep -v Warning \
         | tee "$OUT/train_speed.log"
     note speed "${PIPESTATUS[0]}"

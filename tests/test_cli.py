@@ -125,11 +125,24 @@ def test_holdout_evaluates_on_training_images_and_says_so(tmp_path):
     out = tmp_path / "ho"
     result = invoke("distill", "--epochs", 1, "--out", out, *TINY, "--set", "data.holdout=40")
     assert result.exit_code == 0, result.output
-    metrics = json.loads((out / "artifact" / "fmkt.json").read_text())["metrics"]
+    meta = json.loads((out / "artifact" / "fmkt.json").read_text())
+    metrics, teacher = meta["metrics"], meta["teacher"]
     assert metrics["split"].startswith("40 training images held out") and "not the test split" in metrics["split"]
+    # the teacher is scored on the student's 40 held-out images (not the 48 test images), and fmkt.json says so
+    assert teacher["split"] == metrics["split"] and teacher["images_evaluated"] == metrics["images_evaluated"] == 40
+    from fmkt.artifact import load_artifact
+    from fmkt.config import build_config
+    from fmkt.engine import load_data
+    from fmkt.evaluation import evaluate
+
+    held_out = load_data(build_config(str(out / "config.yaml")))[1]
+    model, _ = load_artifact(teacher["source"])
+    assert teacher["accuracy"] == evaluate(model, held_out, ["plain"], 256, "cpu")["plain"]
     default = invoke("distill", "--epochs", 1, "--out", tmp_path / "d", *TINY)
-    assert json.loads((tmp_path / "d" / "artifact" / "fmkt.json").read_text())["metrics"]["split"] == \
-        "test (48-image subset)"
+    meta = json.loads((tmp_path / "d" / "artifact" / "fmkt.json").read_text())
+    assert meta["metrics"]["split"] == meta["teacher"]["split"] == "test (48-image subset)"
+    assert meta["metrics"]["images_evaluated"] == meta["teacher"]["images_evaluated"] == 48
+    assert "images_unreadable" not in meta["metrics"]  # in-memory data: nothing is left out
     assert default.exit_code == 0
 
 

@@ -11,7 +11,7 @@ from fmkt.commands import configure
 from fmkt.config import Config, build_config, parse_set, recipe_names
 from fmkt.errors import FmktError
 from fmkt.models import create_model
-from fmkt.student import DeployableModel
+from fmkt.student import DeployableModel, StudentSpec, build_student, spec_of
 from fmkt.teacher import load_teacher
 
 
@@ -129,6 +129,17 @@ def test_teacher_from_state_dict_files(tmp_path, fmt):
     assert len(info["sha256"]) == 64 and not teacher.training
 
 
+def test_teacher_artifact_record_has_its_plain_accuracy(tmp_path):
+    """A teacher artifact is a plain model: its fmkt.json's top-1 is under "plain" ("1" is an FM-KT K, never there),
+    and load_teacher's record carries it."""
+    spec = StudentSpec(arch="resnet8", num_classes=4, channels=1, size=(8, 8), mean=(0.3,), std=(0.4,))
+    model = build_student(spec)
+    path = save_artifact(tmp_path / "teacher", model, spec_of(model).to_json(),
+                         {"method": "none", "metrics": {"last": {"plain": 61.25}, "best": {"plain": 62.5}}})
+    _, info = load_teacher(path, arch="resnet8", num_classes=4, in_channels=1, mean=(0.3,), std=(0.4,))
+    assert info["accuracy"] == 61.25 and info["arch"] == "resnet8"
+
+
 def test_teacher_bad_files(tmp_path):
     kw = dict(arch="resnet8", num_classes=4, in_channels=1, mean=(0.3,), std=(0.4,))
     with pytest.raises(FmktError, match="does not exist"):
@@ -188,3 +199,13 @@ def test_artifact_without_default_steps_runs_its_last_training_n(tmp_path):
     path = save_artifact(tmp_path / "old", model, spec, {"method": "fmkt", "train_steps": [1, 2, 8]})
     loaded, _ = load_artifact(path)
     assert loaded.default_steps == 8
+
+
+def test_on_and_off_stay_words_for_string_keys(tmp_path):
+    """`--set train.fast_path=on` (README's spelling): YAML 1.1 reads on/off as booleans, which a string key
+    refused as 'True'; a bool key still takes them."""
+    cfg = build_config(None, [parse_set(["train.fast_path=on", "train.amp=off"])])
+    assert cfg.train.fast_path == "on" and cfg.train.amp is False
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  fast_path: off\n")
+    assert build_config(str(f), []).train.fast_path == "off"

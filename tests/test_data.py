@@ -4,6 +4,7 @@ error messages, augmentation and the seeded batch loader."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 import struct
 from pathlib import Path
@@ -407,6 +408,52 @@ def test_loader_shards_across_ranks():
         BatchLoader(data, 8, rank=2, world_size=2)
     with pytest.raises(FmktError):
         BatchLoader(data, 0)
+
+
+# Fixture: sha256 of each batch's image bytes (float32, C order) then label bytes (int64), for 70 images
+# arange(70*3*32*32)/(70*3*32*32) shaped (70, 3, 32, 32), labels arange(70) % 100, cifar100's augmentation (crop
+# padding 4, flips), batch 16, shuffle, seed 5, epoch 2; produced by the per-batch algorithm of commit 7f3a9f3
+# (fmkt/data/loader.py before 60bbb5e pre-drew an epoch's randoms): BatchLoader.__iter__ calling augment_batch,
+# which drew the crop offsets then the flips of each batch in turn; run twice, the same hashes.
+PER_BATCH_HASHES = [
+    "dbc82612e0ad4d0440c8445c46709d8ff168a67737e96c10a19f4e744680f980",
+    "fbc0a53512a51b118cc57389df7bd018c048b4e1ef2d87ad23fefb4543db85aa",
+    "c7a20932f4584f17608535786acb38a7fa88c104997f4fd894129111d0c69897",
+    "d90b0924e56d41ef2cc4fec5ba87b336749021b495ae7a88d6e6dc38d4a49d84",
+    "331f6f519045795578391e2acbcfaf14d1d0aec25708cb9c796f086e320e3c09",  # the partial batch of 6
+]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_predrawn_augmentation_gives_the_same_batches(drop_last):
+    """The loader draws an epoch's augmentation randoms up front (so a GPU-resident dataset needs no host work per
+    batch): the batches are exactly those of drawing per batch, as before: pinned against the old algorithm's
+    hashes (a change of draw order fails here), and against augment_batch per batch."""
+    n = 70
+    images = torch.arange(n * 3 * 32 * 32, dtype=torch.float32).reshape(n, 3, 32, 32) / (n * 3 * 32 * 32)
+    pinned = BatchLoader(ImageTensors(images, torch.arange(n) % 100), 16, shuffle=True,
+                         augment_info=dataset_info("cifar100"), seed=5, drop_last=drop_last)
+    pinned.set_epoch(2)
+    got = []
+    for x, y in pinned:
+        h = hashlib.sha256(x.contiguous().numpy().tobytes())
+        h.update(y.numpy().tobytes())
+        got.append(h.hexdigest())
+    assert got == PER_BATCH_HASHES[:4 if drop_last else 5]
+
+    info = dataset_info("fashion-mnist")
+    gen = torch.Generator().manual_seed(3)
+    data = ImageTensors(torch.rand(70, 1, 28, 28, generator=gen), torch.randint(0, 10, (70,), generator=gen))
+    loader = BatchLoader(data, 16, shuffle=True, augment_info=info, seed=5, drop_last=False)
+    loader.set_epoch(2)
+    per_batch, idx, g = [], loader.indices(), loader._aug_generator()
+    for b in range(len(loader)):
+        sel = idx[b * 16:(b + 1) * 16]
+        per_batch.append(augment_batch(data.images.index_select(0, sel), info, g))
+    got = [images for images, _ in loader]
+    assert len(got) == len(per_batch) == 5 and all(torch.equal(a, b) for a, b in zip(got, per_batch))
+    moved = data.to("cpu")
+    assert torch.equal(moved.images, data.images) and torch.equal(moved.labels, data.labels)
 
 
 def test_holdout_split_is_stratified_disjoint_and_seeded():

@@ -87,11 +87,13 @@ def test_global_batch_must_divide_over_ranks(tmp_path):
 
 def test_two_gloo_processes_on_an_image_folder(tmp_path):
     """--data imagefolder under torchrun: each rank decodes its own shard with its own worker, every rank reports
-    the accuracy of the whole val split, rank 0 alone writes the artifact."""
+    the accuracy of the whole val split, rank 0 alone writes the artifact; fmkt.json counts the images evaluated on
+    both ranks together (an unreadable val file left out)."""
     sys.path.insert(0, os.path.dirname(__file__))
     from imagefolder_data import make_image_folder  # tests/imagefolder_data.py: real PNG/JPEG digits, 32 x 32
 
     root = make_image_folder(tmp_path / "images", train_per_class=16, val_per_class=5)
+    (root / "val" / "digit_2" / "broken.png").write_bytes(b"\x89PNG but not really")
     out = tmp_path / "ddp"
     proc = run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                 "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "fmkt.cli", "distill",
@@ -103,5 +105,6 @@ def test_two_gloo_processes_on_an_image_folder(tmp_path):
     meta = json.loads((out / "artifact" / "fmkt.json").read_text())
     assert meta["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert meta["dataset"]["name"] == "imagefolder" and meta["metrics"]["last"] == reported[0]
+    assert (meta["metrics"]["images_evaluated"], meta["metrics"]["images_unreadable"]) == (50, 1)
     assert [m["epoch"] for m in metrics(out)] == [1]
     assert len(list(tmp_path.rglob("fmkt.json"))) == 1

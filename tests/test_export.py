@@ -385,14 +385,14 @@ def test_tensorrt_fp32_engine_is_built_without_tf32(tmp_path, monkeypatch, preci
     assert (("clear_flag", 7) in trt.calls) is cleared and facts["tf32"] is (not cleared)
 
 
-def test_tensorrt_batch_outside_the_profile_is_one_sentence():
-    """set_input_shape only returns False for a batch outside the optimization profile; the runner names the range
-    instead of failing later in an obscure way."""
+def _fake_engine_runner():
+    """An EngineRunner over fakes: an engine for (1, 8, 8) images in batches of 1 to 32, whose context refuses any
+    other shape as TensorRT does (set_input_shape returns False)."""
     from fmkt.export.tensorrt_engine import EngineRunner
 
     class Context:
         def set_input_shape(self, name, shape):
-            return 1 <= shape[0] <= 32
+            return 1 <= shape[0] <= 32 and tuple(shape[1:]) == (1, 8, 8)
 
         def get_tensor_shape(self, name):
             raise AssertionError("not reached for a refused batch")
@@ -404,9 +404,32 @@ def test_tensorrt_batch_outside_the_profile_is_one_sentence():
     runner = object.__new__(EngineRunner)
     runner.engine, runner.context, runner.input_name, runner.output_name = Engine(), Context(), "images", "logits"
     runner.in_dtype, runner.out_dtype = torch.float32, torch.float32
+    return runner
+
+
+def test_tensorrt_batch_outside_the_profile_is_one_sentence():
+    """set_input_shape only returns False for a batch outside the optimization profile; the runner names the range
+    instead of failing later in an obscure way."""
+    runner = _fake_engine_runner()
     assert runner.profile_range() == (1, 32)
-    with pytest.raises(FmktError, match=r"batches of 1 to 32 images .* not 64; rebuild it with"):
+    with pytest.raises(FmktError, match=r"batches of 1 to 32 images .* not 64; rebuild it with") as batch:
         runner.bind(torch.zeros(64, 1, 8, 8))
+    assert "(C, H, W)" not in str(batch.value)  # the image shape is right: only the batch is named
+
+
+def test_tensorrt_image_shape_other_than_the_engines_is_named():
+    """set_input_shape also returns False for images of another (C, H, W): the sentence names the shape the engine
+    takes, not the batch range (the batch is in it); both when both are wrong."""
+    runner = _fake_engine_runner()
+    for shape in [(4, 3, 8, 8), (4, 1, 16, 8)]:
+        with pytest.raises(FmktError) as image:
+            runner.bind(torch.zeros(shape))
+        message = str(image.value)
+        assert f"images of shape (C, H, W) = (1, 8, 8), not {shape[1:]}" in message, message
+        assert "batches of" not in message and "input size and channels" in message
+    with pytest.raises(FmktError, match=r"\(C, H, W\) = \(1, 8, 8\), not \(3, 8, 8\) and takes batches of 1 to 32 "
+                                        r"images .* not 64; pass images .* and rebuild it with"):
+        runner.bind(torch.zeros(64, 3, 8, 8))
 
 
 def test_aoti_on_cuda_with_a_crashing_torch_is_refused_in_one_sentence(artifact, tmp_path, monkeypatch):

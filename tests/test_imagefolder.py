@@ -279,6 +279,20 @@ def test_distill_eval_and_export_from_a_folder(folder, tmp_path, one_thread):
     assert (tmp_path / "x" / "model.onnx").is_file()
 
 
+def test_fmkt_json_counts_the_validation_images_evaluated(tmp_path, one_thread):
+    """An unreadable val file is left out of the evaluation: fmkt.json's metrics say how many images were scored
+    (20, not the split's 21 files) and how many were left out."""
+    root = make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2)
+    (root / "val" / "digit_7" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    out = tmp_path / "t"
+    result = cli("train", *folder_args(root, "--set", "data.workers=0", "--batch-size", 8), "--model", "resnet8",
+                 "--epochs", 1, "--out", out)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "artifact" / "fmkt.json").read_text())
+    assert (meta["metrics"]["images_evaluated"], meta["metrics"]["images_unreadable"]) == (20, 1)
+    assert meta["metrics"]["split"] == "test" and meta["dataset"]["skipped_files"]["count"] == 1
+
+
 def test_resume_mid_epoch_matches_an_uninterrupted_run(folder, tmp_path, monkeypatch, one_thread):
     args = ["train", *folder_args(folder), "--epochs", 2, "--set", "train.checkpoint_every_steps=4"]
     full = cli(*args, "--out", tmp_path / "full")

@@ -83,3 +83,20 @@ def test_upstream_modules_import_no_later_stage(module):
               "fmkt.student", "fmkt.commands", "fmkt.export", "fmkt.bench", "fmkt.cli")
     names = imports(ast.parse(path.read_text()))
     assert not [n for n in names if n.startswith(stages)], names
+
+
+def test_capture_names_no_method():
+    """One step body: fmkt/capture.py decides from what each method says of itself (its distiller's
+    capture_refusal / steady_from, through the METHODS entry the engine hands it), so no method's name, loss or
+    option appears in it, and it imports no distiller or loss."""
+    from fmkt.distillers import METHODS
+    from fmkt.losses import LOSSES
+
+    tree = ast.parse((ROOT / "fmkt" / "capture.py").read_text())
+    constants = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    identifiers = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    options = {"dirac_ratio", "dkd_warmup_epochs", "train_steps", "train_step_choices", "loss_params", "encoder"}
+    named = (constants & (set(METHODS) | set(LOSSES))) | (identifiers & (options | set(METHODS) | set(LOSSES)))
+    named |= {m for m in imports(tree) if m.startswith(("fmkt.distillers", "fmkt.losses"))}
+    assert named == set(), named

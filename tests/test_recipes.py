@@ -85,7 +85,8 @@ def test_published_settings_are_the_authors(key):
 # configs/imagenet/{r34_r18,r50_mv1}/{kd,dkd}.yaml and cfg.py; DIST's configs/strategies/distill/resnet_dist.yaml).
 WANT_IMAGENET = {
     "kd": [dict(ce_weight=0.5, loss_weight=0.5, loss_params={"temperature": 1.0})] * 2,
-    "dkd": [dict(ce_weight=1.0, loss_weight=1.0, dkd_warmup_epochs=1.0,
+    # WARMUP 1 counted from epoch 1 (mdistiller's trainer) is a factor of 1 from the first step: warm-up 0 here
+    "dkd": [dict(ce_weight=1.0, loss_weight=1.0, dkd_warmup_epochs=0.0,
                  loss_params={"alpha": 1.0, "beta": b, "temperature": 1.0}) for b in (0.5, 2.0)],
     "dist": [dict(ce_weight=1.0, loss_weight=2.0, loss_params={"beta": 1.0, "gamma": 1.0, "tau": 1.0})] * 2,
     "fmkt": [dict(loss="dist", train_steps="8", schedule="rectified",

@@ -24,6 +24,14 @@ class Method:
     options: dict = field(default_factory=dict)
     features: bool = False  # also distills features (method.transfer=features)
 
+    def capture_refusal(self, cfg) -> str | None:
+        """Why this method's step under ``cfg`` (the MethodConfig) cannot be one CUDA graph (its distiller says)."""
+        return self.cls.capture_refusal(cfg, **self.options)
+
+    def steady_from(self, cfg) -> float:
+        """The fractional epoch from which the step is the same computation every time (its distiller says)."""
+        return self.cls.steady_from(cfg, **self.options)
+
 
 METHODS = {
     "none": Method(VanillaDistiller, False, False, False, "the student alone, cross-entropy (how teachers train)"),

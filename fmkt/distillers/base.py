@@ -7,9 +7,12 @@ Every distiller is built as ``cls(student, teacher, cfg, input_shape, **options)
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from fmkt.losses import LOSSES
 from fmkt.student import DeployableModel
 
 
@@ -44,6 +47,21 @@ class Distiller(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
 
+    # -- what the fast path may do with this method's step (fmkt.capture asks; it names no method itself) ------
+    @classmethod
+    def capture_refusal(cls, cfg, **options) -> str | None:
+        """Why this method's training step under ``cfg`` (the MethodConfig) is not one fixed computation that a
+        CUDA graph can record once and replay: anything decided on the host per step (a random draw, a shape, a
+        Python number that changes). None: it is, from :meth:`steady_from` on. A method must say so itself: the
+        default refuses, so a new method is never captured wrongly by accident."""
+        return f"{cls.__name__} does not say whether its step can be captured (define capture_refusal)"
+
+    @classmethod
+    def steady_from(cls, cfg, **options) -> float:
+        """The fractional epoch from which every step is the same computation (the graph records ``progress`` as
+        a constant): 0, or the end of DKD's warm-up where the metric reads the warm-up factor."""
+        return 0.0
+
     @torch.no_grad()
     def teacher_logits(self, images):
         return self.teacher(images).float()
@@ -57,7 +75,16 @@ class Distiller(nn.Module):
 
 
 def warmup_factor(cfg, progress: float) -> float:
-    """DKD's linear warm-up: min(epoch / warmup_epochs, 1)."""
+    """DKD's warm-up as mdistiller computes it: ``min(epoch / WARMUP, 1)`` with epochs counted from 1, so the
+    factor holds for a whole epoch and is already 1/WARMUP in the first (``progress``: the fractional epoch, from
+    0). mdistiller's ImageNet configs use WARMUP 1 (factor 1 from the first step), fmkt's recipes 0 (the same)."""
     if cfg.dkd_warmup_epochs <= 0:
         return 1.0
-    return min(progress / cfg.dkd_warmup_epochs, 1.0)
+    return min((math.floor(progress) + 1) / cfg.dkd_warmup_epochs, 1.0)
+
+
+def warmup_ends(cfg, metric: str) -> float:
+    """The first epoch (0-based) whose warm-up factor is 1 when ``metric`` reads it (DKD), else 0."""
+    if not LOSSES[metric].uses_target or cfg.dkd_warmup_epochs <= 0:
+        return 0.0
+    return float(max(math.ceil(cfg.dkd_warmup_epochs) - 1, 0))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmkt.distillers.base import Distiller, warmup_factor
+from fmkt.distillers.base import Distiller, warmup_ends, warmup_factor
 from fmkt.errors import FmktError
 from fmkt.losses import build_metric_loss, ce_loss, pkd_loss
 
@@ -55,6 +55,18 @@ class FMKTDistiller(Distiller):
         self.teacher_projection = None
         if student.transfer == "features":
             self.teacher_projection = self._build_teacher_projection()
+
+    @classmethod
+    def capture_refusal(cls, cfg, **options) -> str | None:
+        if len(cfg.train_step_choices()) > 1:
+            return "method.train_steps draws N per iteration, so every step is another graph"
+        if cfg.dirac_ratio < 1.0:
+            return "the Dirac ratio draws a new permutation on the host every step"
+        return None
+
+    @classmethod
+    def steady_from(cls, cfg, **options) -> float:
+        return warmup_ends(cfg, cfg.loss)
 
     def _build_teacher_projection(self):
         """BN + strided 1x1 conv bringing the teacher's last map to the student's (C, H, W)."""
@@ -142,6 +154,12 @@ class OFMKTDistiller(FMKTDistiller):
     """``ofmkt`` (OFM-KT): no teacher; each step gets label-smoothed CE plus D against the detached mean."""
 
     needs_teacher = False
+
+    @classmethod
+    def capture_refusal(cls, cfg, **options) -> str | None:
+        if len(cfg.train_step_choices()) > 1:
+            return "method.train_steps draws N per iteration, so every step is another graph"
+        return None  # no teacher, so no Dirac ratio
 
     def forward_train(self, images, labels, progress=0.0):
         cfg, n = self.cfg, self._steps()

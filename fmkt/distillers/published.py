@@ -18,6 +18,12 @@ The repositories (every path below is inside one of them, at the commit named):
   references/classification/README.md (defaults: 8 GPUs x batch 32, lr 0.1, momentum 0.9, wd 1e-4, 90 epochs,
   x0.1 every 30; ResNets "torchrun --nproc_per_node=8 train.py --model $MODEL"): the recipe to which torchvision
   0.29.1's ResNet*_Weights.IMAGENET1K_V1 point (meta "recipe": .../references/classification#resnet).
+
+DKD's warm-up (``dkd_warmup_epochs`` = mdistiller's DKD.WARMUP) follows mdistiller's count: its trainer numbers
+epochs from 1 (mdistiller/engine/trainer.py: ``epoch = 1``) and DKD.py scales the loss by ``min(epoch / WARMUP,
+1)``, a factor held for the whole epoch and already 1/WARMUP in the first. fmkt computes exactly that
+(distillers/base.py, warmup_factor; the factor reaches 1 in epoch WARMUP). So WARMUP 20 on CIFAR-100 is 20 as
+written, and ImageNet's WARMUP 1 means no ramp at all, which the ImageNet entries write as 0.
 """
 from __future__ import annotations
 
@@ -83,13 +89,29 @@ def _dkd_beta(config: str, beta: float) -> Pair:
                 f"({'BETA ' + str(beta) if beta != 8.0 else 'no BETA: cfg.py BETA 8.0'})")
 
 
-def _ls_log(kind: str, teacher: str, student: str, temp: float, weight: float, beta: float | None = None) -> Pair:
-    """A pair of the LS README's table: its log file is named KD_TYPE,TEACHER,STUDENT,BASE_TEMP,KD_WEIGHT[,BETA]."""
+# The LS per-pair logs were committed before the code at LS_KD that these settings follow (the LS repository's log)
+LS_KD_LOG_CAVEAT = (
+    "; the log predates the 2024-03-10 change of mdistiller/engine/cfg.py's KD.LOSS.CE_WEIGHT from 1 to 0.1 "
+    "(3ec213f): the code of its date trains with CE weight 1, these settings with 0.1")
+LS_DKD_LOG_CAVEAT = (
+    "; the log predates the 2024-05-18 change of tools/train.py's --logit-stand mapping (6b58661): the code of its "
+    "date sets DKD.BETA = (ALPHA x kd-weight) x kd-weight = kd-weight^2 (the config's BETA ignored) and --base-temp "
+    "sets KD.TEMPERATURE, which DKD does not read (DKD.T stays 4); these settings follow the code at the commit "
+    "above: BETA x kd-weight, T = --base-temp")
+
+
+def _ls_log(kind: str, teacher: str, student: str, temp: float, weight: float, beta: float | None = None, *,
+            committed: str) -> Pair:
+    """A pair of the LS README's table: its log file is named KD_TYPE,TEACHER,STUDENT,BASE_TEMP,KD_WEIGHT[,BETA];
+    ``committed``: the date and commit that added the log, said with what changed in the code since."""
     name = f"{kind},{teacher},{student},{temp:g},{weight:g}" + (f",{beta:.1f}" if beta is not None else "")
+    when = f" (committed {committed})"
     if kind == "kd":
-        return Pair({"loss_params": {"temperature": temp}, "loss_weight": weight}, f"{LS_KD}: logs/KD/{name}.txt")
+        return Pair({"loss_params": {"temperature": temp}, "loss_weight": weight},
+                    f"{LS_KD}: logs/KD/{name}.txt{when}{LS_KD_LOG_CAVEAT}")
     return Pair(_ls_dkd(temp, weight, 8.0 if beta is None else beta),
-                f"{LS_KD}: logs/DKD/{name}.txt" + ("" if beta is not None else " (BETA: cfg.py's 8.0)"))
+                f"{LS_KD}: logs/DKD/{name}.txt{when}" + ("" if beta is not None else " (BETA: cfg.py's 8.0)")
+                + LS_DKD_LOG_CAVEAT)
 
 
 PUBLISHED: dict[str, Settings] = {
@@ -123,22 +145,33 @@ PUBLISHED: dict[str, Settings] = {
         CIFAR_SGD, 64,
         f"{LS_KD}: README.md (KD+Ours: --logit-stand --base-temp 2 --kd-weight 9), tools/train.py (KD.TEMPERATURE = "
         "--base-temp, KD.LOSS.KD_WEIGHT = --kd-weight), mdistiller/engine/cfg.py (KD.LOSS.CE_WEIGHT 0.1), "
-        "configs/cifar100/kd/<pair>.yaml (solver)",
-        per_pair={("resnet32x4", "resnet8x4"): _ls_log("kd", "resnet32x4", "resnet8x4", 2.0, 9.0),
-                  ("wrn_40_2", "wrn_16_2"): _ls_log("kd", "wrn_40_2", "wrn_16_2", 2.0, 9.0),
-                  ("resnet56", "resnet20"): _ls_log("kd", "resnet56", "resnet20", 2.0, 9.0),
-                  ("vgg13", "vgg8"): _ls_log("kd", "vgg13", "vgg8", 3.0, 9.0)}),
+        "configs/cifar100/kd/<pair>.yaml (solver). The per-pair logs (logs/KD, committed 2024-03-01 to 03-03) "
+        "predate the 2024-03-10 change of KD.LOSS.CE_WEIGHT from 1 to 0.1 (3ec213f): the code of their dates trains "
+        "with CE weight 1, so their accuracies are not evidence for these settings",
+        per_pair={("resnet32x4", "resnet8x4"): _ls_log("kd", "resnet32x4", "resnet8x4", 2.0, 9.0,
+                                                       committed="2024-03-01, 3c2446f"),
+                  ("wrn_40_2", "wrn_16_2"): _ls_log("kd", "wrn_40_2", "wrn_16_2", 2.0, 9.0,
+                                                    committed="2024-03-01, 78195b4"),
+                  ("resnet56", "resnet20"): _ls_log("kd", "resnet56", "resnet20", 2.0, 9.0,
+                                                    committed="2024-03-03, 4e46e83"),
+                  ("vgg13", "vgg8"): _ls_log("kd", "vgg13", "vgg8", 3.0, 9.0, committed="2024-03-01, 78195b4")}),
     "dkd+ls": Settings(
         {"name": "dkd", "ce_weight": 1.0, "loss_weight": 1.0, "dkd_warmup_epochs": 20.0,
          "logit_standardization": True, **_ls_dkd(2.0, 9.0, 8.0)},
         CIFAR_SGD, 64,
         f"{LS_KD}: README.md (DKD+Ours: --logit-stand --base-temp 2 --kd-weight 9), tools/train.py (DKD.ALPHA and "
         "DKD.BETA times --kd-weight, DKD.T = --base-temp), mdistiller/engine/cfg.py (DKD BETA 8, CE_WEIGHT 1, "
-        "WARMUP 20), configs/cifar100/dkd/<pair>.yaml (solver)",
-        per_pair={("resnet32x4", "resnet8x4"): _ls_log("dkd", "resnet32x4", "resnet8x4", 2.0, 9.0),
-                  ("wrn_40_2", "wrn_16_2"): _ls_log("dkd", "wrn_40_2", "wrn_16_2", 2.0, 12.0, 2.0),
-                  ("resnet56", "resnet20"): _ls_log("dkd", "resnet56", "resnet20", 3.0, 18.0, 2.0),
-                  ("vgg13", "vgg8"): _ls_log("dkd", "vgg13", "vgg8", 2.0, 15.0, 2.0)}),
+        "WARMUP 20), configs/cifar100/dkd/<pair>.yaml (solver). The per-pair logs (logs/DKD, committed 2024-03-01 "
+        "to 03-12) predate the 2024-05-18 change of that mapping in tools/train.py (6b58661): the code of their dates "
+        "sets BETA = kd-weight^2 and leaves T at 4, so their accuracies are not evidence for these settings",
+        per_pair={("resnet32x4", "resnet8x4"): _ls_log("dkd", "resnet32x4", "resnet8x4", 2.0, 9.0,
+                                                       committed="2024-03-01, e6ed3ce"),
+                  ("wrn_40_2", "wrn_16_2"): _ls_log("dkd", "wrn_40_2", "wrn_16_2", 2.0, 12.0, 2.0,
+                                                    committed="2024-03-05, 512a562"),
+                  ("resnet56", "resnet20"): _ls_log("dkd", "resnet56", "resnet20", 3.0, 18.0, 2.0,
+                                                    committed="2024-03-12, 37a90e7"),
+                  ("vgg13", "vgg8"): _ls_log("dkd", "vgg13", "vgg8", 2.0, 15.0, 2.0,
+                                             committed="2024-03-06, fc97b0a")}),
     "fmkt": Settings(
         {"name": "fmkt", "loss": "dist", "loss_params": {"beta": 2.0, "gamma": 2.0, "tau": 1.0}, "ce_weight": 1.0,
          "loss_weight": 1.0, "encoder": "conv", "schedule": "rectified", "train_steps": "8",
@@ -193,15 +226,16 @@ PUBLISHED_IMAGENET: dict[str, Settings] = {
         epochs=100),
     "dkd": Settings(
         {"name": "dkd", "loss_params": {"alpha": 1.0, "beta": 0.5, "temperature": 1.0}, "ce_weight": 1.0,
-         "loss_weight": 1.0, "dkd_warmup_epochs": 1.0},
+         "loss_weight": 1.0, "dkd_warmup_epochs": 0.0},
         IMAGENET_SGD, 512,
         f"{MDISTILLER}: configs/imagenet/<pair>/dkd.yaml (DKD.CE_WEIGHT 1, BETA per pair, T 1, WARMUP 1; the "
         "solver as for KD), mdistiller/engine/cfg.py (DKD.ALPHA 1: the configs set none), "
         "mdistiller/engine/trainer.py (SGD without Nesterov)",
         per_pair={("resnet34", "resnet18"): _imagenet_dkd_beta("r34_r18", 0.5),
                   ("resnet50", "mobilenet_v1"): _imagenet_dkd_beta("r50_mv1", 2.0)},
-        note="mdistiller counts epochs from 1, so its min(epoch / WARMUP, 1) is already 1 in the first epoch at "
-             "WARMUP 1; fmkt counts from 0 and ramps DKD's weight linearly over that first epoch",
+        note="mdistiller counts epochs from 1, so its min(epoch / WARMUP, 1) at WARMUP 1 is 1 from the first step: "
+             "no ramp, which fmkt's warm-up 0 states directly (fmkt's factor follows mdistiller's count: "
+             "distillers/base.py, warmup_factor)",
         epochs=100),
     "dist": Settings(
         {"name": "dist", "loss_params": {"beta": 1.0, "gamma": 1.0, "tau": 1.0}, "ce_weight": 1.0,
