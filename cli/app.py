@@ -103,8 +103,8 @@ def _teacher_arch(arch: str | None, model: str | None) -> str | None:
 
 @app.command()
 def train(
-    model: str = typer.Option(None, "--model", help="Architecture to train (see `fmkt-cli info --models`), or an "
-                                                    "import path pkg.module:factory."),
+    model: str = typer.Option(None, "--model", help="Architecture to train (see `fmkt-cli info --models`), "
+                                                    "timm:NAME, or an import path pkg.module:factory."),
     data: str = typer.Option(None, "--data", help="A dataset (`fmkt-cli info --models` lists them), or "
                                                   "pkg.module:factory returning (train, test) datasets."),
     data_dir: str = typer.Option(None, "--data-dir", help="Dataset folder (default per dataset)."),
@@ -137,10 +137,12 @@ def distill(
     teacher: str = typer.Option(None, "--teacher", help="Teacher: an fmkt artifact folder or a .pt/.pth/.safetensors "
                                                         "state dict. Default: train one (cached)."),
     teacher_arch: str = typer.Option(None, "--teacher-arch", help="Architecture of a state-dict teacher file (and of "
-                                                                  "the default teacher): a zoo name."),
+                                                                  "the default teacher): a zoo name or timm:NAME."),
     teacher_model: str = typer.Option(None, "--teacher-model", help="The teacher as pkg.module:factory (or a zoo "
-                                                                    "name); --teacher PATH gives its weights."),
-    student: str = typer.Option(None, "--student", help="Student architecture: a zoo name or pkg.module:factory."),
+                                                                    "name, or timm:NAME); --teacher PATH gives its "
+                                                                    "weights."),
+    student: str = typer.Option(None, "--student", help="Student architecture: a zoo name, timm:NAME "
+                                                                "(any timm model) or pkg.module:factory."),
     data: str = typer.Option(None, "--data", help="A dataset (default digits; `fmkt-cli info --models` lists them), "
                                                   "or pkg.module:factory returning (train, test) datasets."),
     data_dir: str = typer.Option(None, "--data-dir"),
@@ -250,6 +252,9 @@ def info(
                                 ("losses", list(METRIC_LOSSES)), ("encoders", list(ENCODERS)),
                                 ("schedules", list(SCHEDULES)), ("recipes", recipe_names())]:
                 out_console.print(f"[bold]{name}[/]: {', '.join(items)}")
+            from fmkt.models.timm_backbone import timm_models_line
+
+            out_console.print(f"[bold]timm models[/]: {timm_models_line()}")
 
     _run(go, debug)
 

@@ -2,8 +2,10 @@
 
 - K >= 1 (flow artifacts): the K time embeddings e(t_i) are computed once here and stored as a constant
   buffer (K, C); the loop of ``fmkt.flow.sampler.run_sampler`` (the one sampler) is unrolled by tracing,
-  with (t, dt, p, q) of ``schedule.steps(K)`` baked in as Python floats; the ensemble mean is taken in pooled
-  space (B, C) and the head runs once. The graph grows linearly with K and has no Loop or If.
+  with (t, dt, p, q) of ``schedule.steps(K)`` baked in as Python floats; with a linear head S the ensemble mean
+  is taken in pooled space (B, C) and the head runs once, else the model's own head runs on each step's estimate
+  map and the logits are averaged (``fmkt.student.ensemble_logits``, the same code as eager). The graph grows
+  linearly with K and has no Loop or If.
 - K = 0 (flow artifacts with the FM-KT^Theta head): backbone + theta head, no encoder.
 - Plain artifacts (methods none, kd, dkd, dist): the student backbone and its own head; only K = 0 is
   accepted (there are no flow steps to unroll).
@@ -17,7 +19,7 @@ from torch import nn
 
 from fmkt.errors import FmktError
 from fmkt.flow.sampler import apply_head, run_sampler
-from fmkt.student import DeployableModel, FixedStepsModel
+from fmkt.student import DeployableModel, FixedStepsModel, ensemble_logits
 
 
 class ConstantTimeEmbedding(nn.Module):
@@ -44,20 +46,23 @@ class UnrolledFlow(nn.Module):
         self.backbone = model.backbone
         self.encoder = model.encoder
         self.transfer = model.transfer
+        self.pooled_head = model.pooled_head
         self.constants = model.schedule.steps(steps)  # plain floats (t, dt, p, q) per step
         ref = model.normalize.mean
         with torch.no_grad():
             table = model.time_embed(torch.tensor([c.t for c in self.constants], device=ref.device))
         self.time_embed = ConstantTimeEmbedding(table.detach().clone())
 
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return apply_head(self.backbone.get_classifier(), pooled)
+
+    map_head = DeployableModel.map_head
+    step_logits = DeployableModel.step_logits
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z1 = self.backbone.forward_features(self.normalize(x))
-        out = run_sampler(z1, self.encoder, self.time_embed, self.constants)
-        if self.transfer == "features":
-            pooled = out.final_state.mean(dim=(2, 3))
-        else:
-            pooled = out.mean_pooled()  # the ensemble mean in pooled space (B, C); S is linear
-        return apply_head(self.backbone.get_classifier(), pooled)
+        out = run_sampler(z1, self.encoder, self.time_embed, self.constants, return_estimates=not self.pooled_head)
+        return ensemble_logits(self, out)
 
 
 class StudentAlone(nn.Module):

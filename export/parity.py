@@ -33,9 +33,14 @@ def parity_images(meta: dict, count: int, seed: int = 0) -> tuple[torch.Tensor, 
             from fmkt.data import load_dataset
 
             _, test, _ = load_dataset(name)
+            resized = ""
+            if tuple(test.images.shape[1:]) != shape and shape[1] == shape[2] and test.images.shape[1] == shape[0]:
+                # a square input other than the dataset's own size: trained with data.image_size, the same resize
+                _, test, _ = load_dataset(name, image_size=shape[1])
+                resized = f", resized to {shape[1]}x{shape[2]} as data.image_size does"
             if tuple(test.images.shape[1:]) == shape and len(test) > 0:
                 n = min(count, len(test))
-                return test.images[:n].contiguous(), f"{name} test split, first {n} images"
+                return test.images[:n].contiguous(), f"{name} test split, first {n} images{resized}"
         except FmktError:
             pass
     gen = torch.Generator().manual_seed(seed)

@@ -162,8 +162,7 @@ def _write_onnx(tmp: Path, module, example, opset: int, precision: str, export_m
     if precision == "fp16":
         graph = ox.to_fp16(graph)
     export_meta["graph_summary"] = ox.graph_summary(graph)
-    problems = ox.trt_readiness(graph)
-    export_meta["tensorrt_readiness"] = {"ready": not problems, "problems": problems, "operator_list": ox.TRT_SOURCE}
+    export_meta["tensorrt_readiness"] = ox.readiness_report(graph)
     ox.set_metadata(graph, export_meta)
     (tmp / "model.onnx").write_bytes(graph.SerializeToString())
     session = ox.ort_session(graph.SerializeToString(), precision)

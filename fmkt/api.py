@@ -33,6 +33,7 @@ from fmkt.import_paths import import_path_of, well_formed
 from fmkt.meter import epoch_record
 from fmkt.models import list_models
 from fmkt.models.adapter import ModuleAdapter, is_zoo_backbone
+from fmkt.models.timm_backbone import TimmBackbone
 from fmkt.optim import build_optimizer, build_scheduler, epoch_lr
 from fmkt.runtime import FP32
 from fmkt.step import NonFiniteLoss, nonfinite_loss, train_step
@@ -105,12 +106,15 @@ class FMKT(nn.Module):
         images = _images(example)
         mean, std = _stats(mean, std, images.shape[1])
         normed = (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-        self.arch = arch or import_path_of(type(student))
+        timm_student = isinstance(student, TimmBackbone)  # fmkt.create_model("timm:NAME", ...)
+        self.arch = arch or (student.arch if timm_student else import_path_of(type(student)))
+        if timm_student:
+            arch_kwargs = {**student.arch_kwargs, **(arch_kwargs or {})}
         self.input_shape = tuple(images.shape[1:])
         self.method = cfg
         flow = METHODS[method].flow
-        if is_zoo_backbone(student) and arch in list_models():
-            backbone = student  # a zoo model named by arch="resnet8": no adapter needed
+        if (is_zoo_backbone(student) and arch in list_models()) or timm_student:
+            backbone = student  # a zoo model named by arch="resnet8", or timm's: no adapter needed
         else:
             backbone = wrap_student(student, normed, feature_layer=feature_layer, classifier=classifier,
                                     check_head=flow)

@@ -18,7 +18,9 @@ from fmkt.artifact import is_artifact, load_artifact
 from fmkt.capture import MODES as FAST_PATH_MODES
 from fmkt.checkpoint import CHECKPOINT
 from fmkt.config import Config, DataConfig, MethodConfig
+from fmkt.models.timm_backbone import TIMM_OPTIONS, check_timm_name, is_timm
 from fmkt.data import data_options, dataset_info, is_folder, load_dataset
+from fmkt.data.deit_aug import check_augmentation
 from fmkt.distillers import METHODS, check_method
 from fmkt.engine import FitResult, evaluation_split, fit, load_data, student_spec
 from fmkt.errors import FmktError
@@ -66,12 +68,33 @@ def check_method_names(m: MethodConfig) -> None:
         build_metric_loss(loss, standardize=m.logit_standardization, **m.loss_params)
 
 
+def check_models(cfg: Config) -> None:
+    """Student and teacher architectures (zoo names, timm:NAME, import paths) and their option keys."""
+    from fmkt.models import list_models
+    from fmkt.models.adapter import ADAPTER_OPTIONS
+
+    models = list_models()
+    for value, key in [(cfg.student, "student"), (cfg.teacher.arch, "teacher.arch")]:
+        if is_import_path(value):
+            resolve(value, f"model factory ({key})")
+        elif is_timm(value):
+            check_timm_name(value, key)
+        elif value not in models:
+            raise FmktError(f"unknown model {value!r} ({key}); choose one of {', '.join(models)}, timm:NAME (any "
+                            "timm model) or an import path pkg.module:factory.")
+    for arch, options, key in [(cfg.student, cfg.student_options, "student_options"),
+                               (cfg.teacher.arch, cfg.teacher.options, "teacher.options")]:
+        valid = TIMM_OPTIONS if is_timm(arch) else ADAPTER_OPTIONS
+        bad = sorted(set(options) - set(valid))
+        if bad:
+            raise FmktError(f"unknown config key '{key}.{bad[0]}'; valid keys here: {', '.join(valid)}.")
+
+
 def check_config(cfg: Config) -> Config:
     """Every name and cross-stage fact, up front: methods, losses, encoders, schedules, optimisers and kernels
     against their registries, models and datasets, and an import-path model's dry run. Returns ``cfg``."""
     from fmkt.kernels import KERNEL_MODES
-    from fmkt.models import list_models
-    from fmkt.models.adapter import ADAPTER_OPTIONS, create_backbone
+    from fmkt.models.adapter import create_backbone
 
     check_method_names(cfg.method)
     _check_name(cfg.optim.name, OPTIMIZERS, "optim.name")
@@ -80,32 +103,16 @@ def check_config(cfg: Config) -> Config:
     _check_name(cfg.train.fast_path, FAST_PATH_MODES, "train.fast_path")
     _check_name(cfg.train.log, LOGGERS, "train.log")
     check_logger(cfg.train.log)
-    models = list_models()
-    for value, key in [(cfg.student, "student"), (cfg.teacher.arch, "teacher.arch")]:
-        if is_import_path(value):
-            resolve(value, f"model factory ({key})")
-        elif value not in models:
-            raise FmktError(f"unknown model {value!r} ({key}); choose one of {', '.join(models)} or give an "
-                            "import path pkg.module:factory.")
-    for options, key in [(cfg.student_options, "student_options"), (cfg.teacher.options, "teacher.options")]:
-        bad = sorted(set(options) - set(ADAPTER_OPTIONS))
-        if bad:
-            raise FmktError(f"unknown config key '{key}.{bad[0]}'; valid keys here: {', '.join(ADAPTER_OPTIONS)}.")
-    check_data_keys(cfg.data)
+    check_models(cfg)
+    check_augmentation(cfg.data)
     data = dataset_info(cfg.data.name, cfg.data.dir, **data_options(cfg.data))
-    for arch, options in [(cfg.student, cfg.student_options), (cfg.teacher.arch, cfg.teacher.options)]:
-        if is_import_path(arch):  # the factory runs and its model takes one dry-run batch, before any work
+    for arch, options, kwargs in [(cfg.student, cfg.student_options, cfg.student_kwargs),
+                                  (cfg.teacher.arch, cfg.teacher.options, cfg.teacher.kwargs)]:
+        if is_import_path(arch) or is_timm(arch):  # the model is built and takes one dry-run batch, before any work
             create_backbone(arch, num_classes=data.num_classes, in_channels=data.in_channels,
-                            input_size=data.image_size, options=options, check_head=False)
+                            input_size=data.image_size, options=options, check_head=False,
+                            **{k: v for k, v in kwargs.items() if k != "pretrained"})
     return cfg
-
-
-def check_data_keys(d: DataConfig) -> None:
-    """data.image_size sizes an image folder's crops; other datasets keep their own size (a change is refused)."""
-    if d.image_size != DataConfig.image_size and not is_folder(d.name):
-        size = "x".join(map(str, dataset_info(d.name, d.dir).image_size))
-        raise FmktError(f"data.image_size applies to --data imagefolder only; {d.name} images stay {size}, so leave "
-                        f"data.image_size at {DataConfig.image_size}.")
 
 
 def configure(config_file: str | None, overrides: list[dict]) -> Config:
@@ -137,6 +144,7 @@ def teacher_config(cfg: Config) -> Config:
     t = copy.deepcopy(cfg)
     t.student = cfg.teacher.arch
     t.student_options = dict(cfg.teacher.options)
+    t.student_kwargs = dict(cfg.teacher.kwargs)
     t.method.name = "none"
     t.method.label_smoothing = 0.0
     t.optim.lr = cfg.teacher.lr
@@ -148,7 +156,9 @@ def teacher_config(cfg: Config) -> Config:
 
 # data keys added after teachers were first cached: left out of the key at their defaults (so a cached teacher keeps
 # its key), and data.workers always (it never changes what is trained)
-_LATER_DATA_KEYS = {"holdout": None, "image_size": DataConfig.image_size, "mean": [], "std": []}
+_LATER_DATA_KEYS = {"holdout": None, "image_size": DataConfig.image_size, "mean": [], "std": [],
+                    "decode": DataConfig.decode, "augment_policy": None, "reprob": 0.0, "repeated_aug": 0,
+                    "mixup": 0.0, "cutmix": 0.0}
 
 
 def teacher_cache_key(t: Config) -> str:
@@ -156,6 +166,7 @@ def teacher_cache_key(t: Config) -> str:
             if k != "workers" and not (k in _LATER_DATA_KEYS and v == _LATER_DATA_KEYS[k])}
     relevant = {"student": t.student, "data": data, "optim": t.optim.__dict__,
                 **({"student_options": t.student_options} if t.student_options else {}),
+                **({"student_kwargs": t.student_kwargs} if t.student_kwargs else {}),
                 "epochs": t.train.epochs, "seed": t.train.seed}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -168,7 +179,7 @@ def obtain_teacher(cfg: Config, console: Console):
                   device=device, input_size=data.image_size)
     if cfg.teacher.path:
         return load_teacher(cfg.teacher.path, arch=cfg.teacher.arch, options=cfg.teacher.options,
-                            key_map=cfg.teacher.key_map, **common)
+                            key_map=cfg.teacher.key_map, arch_kwargs=cfg.teacher.kwargs, **common)
     t = teacher_config(cfg)
     folder = cache_dir() / f"{t.data.name}-{t.student}-{teacher_cache_key(t)}".replace(":", "-")
     artifact = folder / "artifact"

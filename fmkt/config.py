@@ -26,17 +26,30 @@ class DataConfig:
     train_subset: int | None = None  # seeded subset of the training split (small CPU runs)
     test_subset: int | None = None
     holdout: int | None = None  # evaluate on this many training images held out (model selection), not the test split
-    image_size: int = 224  # imagefolder: the side of the square crops trained and evaluated on (others: their own)
+    # the side of the square images trained and evaluated on: an image folder's crops (None: 224); in-memory data
+    # (digits, Fashion-MNIST, CIFAR, ...) is resized once when loaded (bilinear, antialiased; None: its own size)
+    image_size: int | None = None
     workers: int | None = None  # imagefolder: DataLoader processes decoding images (None: min(8, CPUs per process))
+    decode: str = "cpu"  # imagefolder: cpu (workers, torchvision.io) | gpu (batched nvjpeg on CUDA: torchvision.io.decode_jpeg on a list)
     mean: list = field(default_factory=list)  # per-channel mean of the raw [0, 1] images (empty: the dataset's)
     std: list = field(default_factory=list)  # per-channel std (empty: the dataset's; imagefolder: ImageNet's)
+    # DeiT's augmentation from timm (fmkt.data.deit_aug, fmkt.mixing); every key off by default. Per image, after the
+    # crop and flip: a timm auto-augment string ("rand-m9-mstd0.5-inc1"), random erasing's probability (mode pixel)
+    # and repeated augmentation (timm's RepeatAugSampler: each image N times an epoch; 0 off). Per batch, in the
+    # training step: Mixup's and CutMix's beta alpha (0 off; both on: one of them per batch), soft targets
+    augment_policy: str | None = None
+    reprob: float = 0.0
+    repeated_aug: int = 0
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
 
 @dataclass
 class TeacherConfig:
     path: str | None = None  # our artifact folder, or a .pt/.pth/.safetensors state dict
-    arch: str = "wrn_16_2"  # architecture (zoo name or pkg.module:factory) of a state-dict file / the default teacher
+    arch: str = "wrn_16_2"  # architecture (zoo name, timm:NAME or pkg.module:factory) of a weights file / the default teacher
     options: dict = field(default_factory=dict)  # import-path teacher: feature_layer, classifier (see fmkt.models.adapter)
+    kwargs: dict = field(default_factory=dict)  # keyword arguments of the teacher's factory (timm: img_size, ...)
     key_map: dict = field(default_factory=dict)  # prefix renames {old: new} applied to a state-dict file's keys
     epochs: int = 15  # when distill trains the default teacher itself
     lr: float = 0.05
@@ -95,8 +108,9 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    student: str = "resnet8"  # a zoo name or an import path pkg.module:factory
-    student_options: dict = field(default_factory=dict)  # import-path student: feature_layer, classifier
+    student: str = "resnet8"  # a zoo name, timm:NAME (any timm model) or an import path pkg.module:factory
+    student_options: dict = field(default_factory=dict)  # import-path student: feature_layer, classifier; timm: z1
+    student_kwargs: dict = field(default_factory=dict)  # keyword arguments of the student's factory (timm: img_size, ...)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -266,8 +280,9 @@ def validate(cfg: Config) -> Config:
 
 
 def validate_data(d: DataConfig) -> None:
-    """The data section's new keys: image size, workers, mean/std (numbers, one per channel, std > 0)."""
-    if d.image_size < 8:
+    """The data section's new keys: image size, workers, mean/std (numbers, one per channel, std > 0), the DeiT
+    augmentation's ranges (and an even batch for Mixup/CutMix)."""
+    if d.image_size is not None and d.image_size < 8:
         raise FmktError(f"data.image_size must be >= 8, got {d.image_size}.")
     if d.workers is not None and d.workers < 0:
         raise FmktError(f"data.workers must be >= 0 (0: decode in the training process), got {d.workers}.")
@@ -278,6 +293,13 @@ def validate_data(d: DataConfig) -> None:
         raise FmktError(f"data.mean has {len(d.mean)} values and data.std {len(d.std)}; give both, one per channel.")
     if any(v <= 0 for v in d.std):
         raise FmktError(f"data.std values must be > 0, got {d.std}.")
+    for value, key in [(d.reprob, "data.reprob"), (d.mixup, "data.mixup"), (d.cutmix, "data.cutmix"),
+                       (d.repeated_aug, "data.repeated_aug")]:
+        if value < 0 or (key == "data.reprob" and value > 1):
+            raise FmktError(f"{key} must be {'in [0, 1]' if key == 'data.reprob' else '>= 0 (0: off)'}, got {value}.")
+    if (d.mixup or d.cutmix) and d.batch_size % 2:
+        raise FmktError(f"data.mixup / data.cutmix mix each batch with its reverse (timm's Mixup), so data.batch_size "
+                        f"must be even, got {d.batch_size}.")
 
 
 def validate_method(m: MethodConfig) -> MethodConfig:

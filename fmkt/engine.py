@@ -31,6 +31,7 @@ from fmkt.evaluation import eval_keys, evaluate, evaluated_images, step_label
 from fmkt.files import atomic_path, check_output_dir, ensure_writable_dir, remove_stale_temporaries
 from fmkt.logs import NoLogger, open_logger
 from fmkt.meter import EpochMeter, NonFiniteStep, epoch_record
+from fmkt.mixing import with_mixing
 from fmkt.optim import build_optimizer, build_scheduler, epoch_lr, scheduled_lr
 from fmkt.step import NonFiniteLoss, nonfinite_loss, train_step  # noqa: F401 (train_step: the API's)
 from fmkt.runtime import FP32, distributed, rank_and_world, resolve_device, seed_everything, sum_over_ranks
@@ -69,7 +70,7 @@ def student_spec(cfg: Config, data) -> StudentSpec:
     method = check_method(cfg.method.name)
     return StudentSpec(arch=cfg.student, num_classes=data.num_classes, channels=data.in_channels,
                        size=tuple(data.image_size), mean=tuple(data.mean), std=tuple(data.std),
-                       adapter=dict(cfg.student_options) or None,
+                       adapter=dict(cfg.student_options) or None, arch_kwargs=dict(cfg.student_kwargs),
                        encoder=cfg.method.encoder if method.flow else None, encoder_params=cfg.method.encoder_params,
                        schedule=cfg.method.schedule, transfer=cfg.method.transfer if method.flow else "logits",
                        theta_head=method.theta, default_steps=cfg.method.train_step_choices()[-1])
@@ -187,7 +188,7 @@ def prepare(cfg: Config, teacher, teacher_record, resume: bool, console, extra) 
     if resume:
         resume_from_checkpoint(run)
     open_outputs(run)
-    run.step = make_step(run, plan)
+    run.step = with_mixing(make_step(run, plan), run)  # Mixup/CutMix (data.mixup, data.cutmix) before it
     return run
 
 

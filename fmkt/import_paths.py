@@ -20,8 +20,9 @@ _PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z
 
 
 def is_import_path(name) -> bool:
-    """True for anything written like an import path (``a.b:c``); zoo and dataset names never hold a colon."""
-    return isinstance(name, str) and ":" in name
+    """True for anything written like an import path (``a.b:c``); zoo and dataset names never hold a colon, and
+    ``timm:NAME`` names a timm model (fmkt.models.timm_backbone), not the module ``timm``."""
+    return isinstance(name, str) and ":" in name and not name.startswith("timm:")
 
 
 def well_formed(path: str) -> bool:

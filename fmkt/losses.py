@@ -19,6 +19,7 @@ from fmkt.errors import FmktError
 
 __all__ = [
     "ce_loss",
+    "hard_target",
     "kd_loss",
     "dkd_loss",
     "dist_loss",
@@ -60,8 +61,10 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor, what: str, ndims: tuple[int, .
 def ce_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy, mean over the batch.
 
-    logits (B, K) float; target (B,) int64 class indices. With ``label_smoothing`` = e the target
-    distribution is ``(1 - e) * onehot + e / K``.
+    logits (B, K) float; target (B,) int64 class indices, or (B, K) float class probabilities (a soft target:
+    Mixup/CutMix's, fmkt.mixing). With ``label_smoothing`` = e the target distribution is ``(1 - e) * onehot + e / K``
+    (``(1 - e) * target + e / K`` for a soft one, torch's rule: mixing smoothed one-hots gives the same); a one-hot
+    soft target gives the hard label's loss (within float rounding, ~1e-7).
     """
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
 
@@ -81,6 +84,12 @@ def _gt_mask(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, target.reshape(-1, 1), True)
 
 
+def hard_target(target: torch.Tensor) -> torch.Tensor:
+    """The class index per sample: ``target`` itself (B,), or a soft target's (B, K) argmax: the class with the
+    larger Mixup/CutMix weight (the batch image's own class when lam > 0.5; the lower index on a tie)."""
+    return target.argmax(dim=1) if target.dim() == 2 and target.is_floating_point() else target
+
+
 def dkd_loss(
     logits_s: torch.Tensor,
     logits_t: torch.Tensor,
@@ -92,7 +101,9 @@ def dkd_loss(
 ) -> torch.Tensor:
     """Decoupled KD (Zhao et al., CVPR 2022), the math of mdistiller's ``DKD.py``, times warmup.
 
-    logits_s, logits_t: (B, K); target: (B,) int64.
+    logits_s, logits_t: (B, K); target: (B,) int64, or a (B, K) soft target (Mixup/CutMix), whose argmax is the
+    ground-truth class here (:func:`hard_target`; the authors' DKD takes an index only, mdistiller's and the mmcls
+    distillers' alike, and fails on mixed labels).
     TCKD: KL between the binary (target, non-target) distributions; NCKD: KL between the
     distributions over the non-target classes (target logit pushed down by 1000 as mdistiller
     does). Both are summed, times T^2, divided by B:
@@ -100,10 +111,12 @@ def dkd_loss(
     ``warmup_factor = min(epoch / warmup_epochs, 1)``, epochs counted from 1 (distillers/base.py).
     """
     _same_shape(logits_s, logits_t, "dkd_loss", (2,))
+    if target.shape == logits_s.shape:
+        target = hard_target(target)
     if target.shape != logits_s.shape[:1]:
         raise FmktError(
             f"dkd_loss: target shape {tuple(target.shape)} must be ({logits_s.shape[0]},), "
-            "one class index per sample."
+            "one class index per sample (or a soft target of the logits' shape)."
         )
     gt = _gt_mask(logits_s, target)
     other = ~gt

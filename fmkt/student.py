@@ -2,8 +2,10 @@
 
 ``forward(x, steps=K)`` takes raw images in [0, 1] (B, C, H, W) and returns logits (B, classes):
 - plain model (no encoder; teachers and the baselines): the backbone's own head;
-- K >= 1: the K-step FM-KT sampler; the prediction is S applied to the mean of the pooled step estimates
-  (S = global pool + the backbone's classifier, which is linear, so one head call covers the whole ensemble);
+- K >= 1: the K-step FM-KT sampler; the prediction is the mean of the steps' logits S(estimate_i), S being the
+  backbone's own head. Where S is global pooling + one Linear (the zoo; timm's ResNets and ViTs), that mean is S
+  applied once to the mean of the pooled estimates (exact, and what runs); other heads (ConvNeXt's LayerNorm,
+  MobileNetV3's conv_head) run on each step's estimate map (``pooled_head`` False);
 - K = 0: the FM-KT^Theta head on Z1 (only when trained with ``theta``).
 The engine trains it inside a distiller, the artifact stores it, export wraps it with K fixed, bench times it.
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from fmkt.errors import FmktError
 from fmkt.flow.encoders import TimeEmbedding, build_encoder
-from fmkt.flow.sampler import SamplerOutput, apply_head, run_sampler
+from fmkt.flow.sampler import SamplerOutput, apply_head, cast, run_sampler
 from fmkt.flow.schedules import build_schedule
 
 TRANSFERS = ("logits", "features")
@@ -68,6 +70,8 @@ class DeployableModel(nn.Module):
         self.schedule_name = schedule
         self.schedule = build_schedule(schedule)
         self.transfer = transfer
+        # S = pool + one Linear: the pooled shortcut is exact (zoo models and adapters always; timm: found on a dry run)
+        self.pooled_head = bool(getattr(backbone, "linear_head", True))
         self.default_steps = default_steps
         self.step_fn = None  # None = the torch reference step; the kernels install a fused one
         # None = the torch loop; fmkt.kernels may install a whole-sampler inference path:
@@ -95,10 +99,22 @@ class DeployableModel(nn.Module):
         """The shape map S after pooling: (B, C) -> (B, classes)."""
         return apply_head(self.backbone.get_classifier(), pooled)
 
+    def map_head(self, feat: torch.Tensor) -> torch.Tensor:
+        """S on a map (B, C, h, w): pooled + the Linear where that is S, else the backbone's own head."""
+        if self.pooled_head:
+            return self.head(feat.mean(dim=(2, 3)))
+        return map_logits(self.backbone, feat)
+
+    def step_logits(self, out: SamplerOutput) -> list:
+        """Each step's logits S(estimate_i) (what training scores), from pooled estimates or estimate maps."""
+        if self.pooled_head:
+            return [self.head(p) for p in out.pooled_estimates]
+        return [map_logits(self.backbone, e) for e in out.estimates]
+
     def sample(self, z1: torch.Tensor, steps: int, *, return_velocities: bool = False) -> SamplerOutput:
         return run_sampler(
             z1, self.encoder, self.time_embed, self.schedule.steps(steps),
-            return_velocities=return_velocities, step_fn=self.step_fn,
+            return_velocities=return_velocities, step_fn=self.step_fn, return_estimates=not self.pooled_head,
         )
 
     def logits_from_features(self, z1: torch.Tensor, steps: int | None = None) -> torch.Tensor:
@@ -112,14 +128,11 @@ class DeployableModel(nn.Module):
             return self.theta_head(F.adaptive_avg_pool2d(z1, 1).flatten(1))
         if steps < 0:
             raise FmktError(f"steps must be >= 0, got {steps}.")
-        if self.sampler_fn is not None and not torch.is_grad_enabled():
+        if self.sampler_fn is not None and self.pooled_head and not torch.is_grad_enabled():
             pooled = self.sampler_fn(z1, self.encoder, self.time_embed, self.schedule.steps(steps), self.transfer)
             if pooled is not None:
                 return self.head(pooled)
-        out = self.sample(z1, steps)
-        if self.transfer == "features":
-            return self.head(out.final_state.mean(dim=(2, 3)))
-        return self.head(out.mean_pooled())
+        return ensemble_logits(self, self.sample(z1, steps))
 
     def forward(self, x: torch.Tensor, steps: int | None = None) -> torch.Tensor:
         if self.encoder is None:  # a plain model: the backbone's own forward (a user's teacher may give only logits)
@@ -131,6 +144,23 @@ class DeployableModel(nn.Module):
         if self.encoder is None:
             return [1]
         return [k for k in candidates if k >= 1 or (k == 0 and self.theta_head is not None)]
+
+
+def map_logits(backbone: nn.Module, feat: torch.Tensor) -> torch.Tensor:
+    """The backbone's own head on a map, fed in its classifier's dtype (the estimates are fp32)."""
+    weight = getattr(backbone.get_classifier(), "weight", None)
+    return backbone.forward_head(feat if weight is None else cast(feat, weight.dtype))
+
+
+def ensemble_logits(model, out: SamplerOutput) -> torch.Tensor:
+    """The prediction from a sampler run: feature transfer, S on the final state; logit transfer, the mean of the
+    steps' logits (with a linear S: S once on the mean pooled estimate, the same numbers). ``model`` needs
+    ``transfer``, ``pooled_head``, ``head``/``map_head`` and ``step_logits`` (a DeployableModel, export's graph)."""
+    if model.transfer == "features":
+        return model.map_head(out.final_state)
+    if model.pooled_head:
+        return model.head(out.mean_pooled())
+    return torch.stack(model.step_logits(out), 0).mean(0)
 
 
 class FixedStepsModel(nn.Module):
@@ -209,7 +239,9 @@ def build_student(spec: StudentSpec, backbone: nn.Module | None = None) -> Deplo
     model = DeployableModel(backbone, spec.mean, spec.std, encoder=spec.encoder, encoder_kwargs=spec.encoder_params,
                             schedule=spec.schedule, theta_head=spec.theta_head, transfer=spec.transfer,
                             default_steps=spec.default_steps)
-    model.spec = dataclasses.replace(spec, num_features=model.num_features)
+    # pretrained=true fetched the starting weights once; a rebuild loads the saved ones, never the hub's
+    kwargs = {k: v for k, v in spec.arch_kwargs.items() if k != "pretrained"}
+    model.spec = dataclasses.replace(spec, num_features=model.num_features, arch_kwargs=kwargs)
     return model
 
 

@@ -78,10 +78,11 @@ def teacher_sha256(path: str | Path | None = None, module: nn.Module | None = No
 
 def load_teacher(path: str | Path, *, arch: str, num_classes: int, in_channels: int, mean, std,
                  device="cpu", input_size=(32, 32), options: dict | None = None,
-                 key_map: dict | None = None) -> tuple[DeployableModel, dict]:
+                 key_map: dict | None = None, arch_kwargs: dict | None = None) -> tuple[DeployableModel, dict]:
     """Returns (frozen teacher in eval mode, fmkt.json's teacher record {"sha256", "arch", "source", "accuracy"}).
 
-    ``input_size`` (H, W) sizes the dry run of an import-path ``arch``; ``options`` its feature_layer/classifier.
+    ``input_size`` (H, W) sizes the dry run of an import-path or timm ``arch``; ``options`` its feature_layer/
+    classifier (timm: z1); ``arch_kwargs`` the keyword arguments of its factory (timm: img_size, patch_size, ...).
     """
     path = Path(path)
     if not path.exists():
@@ -90,7 +91,8 @@ def load_teacher(path: str | Path, *, arch: str, num_classes: int, in_channels: 
         model, record = _teacher_artifact(path, in_channels)
     else:
         spec = StudentSpec(arch=arch, num_classes=num_classes, channels=in_channels, size=tuple(input_size),
-                           mean=tuple(mean), std=tuple(std), adapter=options or None)
+                           mean=tuple(mean), std=tuple(std), adapter=options or None,
+                           arch_kwargs=dict(arch_kwargs or {}))
         model = build_student(spec)
         _load_weights(model, read_state_dict(path, key_map), path, arch, num_classes, in_channels)
         record = {"sha256": teacher_sha256(path), "arch": arch, "source": str(path), "accuracy": None}

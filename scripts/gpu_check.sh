@@ -17,6 +17,9 @@
 #   imagenet  what an ImageNet run needs (issue 16): the captured step of resnet34 -> resnet18 at 224 x 224, batch
 #             256 (none, kd, fmkt) -> benchmarks/train_speed.py --imagenet; the folder loader's images/s with 1-16
 #             workers on this host's CPUs -> benchmarks/loader_speed.py
+#   decode    data.decode=gpu (issue 21): batched nvjpeg decode vs CPU decode, the training loader's images/s with
+#             CPU workers vs data.decode=gpu, the two paths' pixel difference, what nvjpeg does with CMYK and
+#             truncated JPEGs -> scripts/gpu_decode.py (gpu_decode_cuda.json; dry run: --device cpu)
 # Results go to $FMKT_BENCH_OUT (default benchmarks/results); each stage prints PASS/FAIL lines, and a summary of
 # return codes ends the run.
 #   FMKT_GPU_STAGES="triton numerics tests" FMKT_BENCH_OUT=$OUT bash scripts/gpu_check.sh
@@ -25,7 +28,7 @@ cd "$(dirname "$0")/.."
 OUT="${FMKT_BENCH_OUT:-benchmarks/results}"
 PY="${PYTHON:-python}"
 BUDGET="${FMKT_GPU_BUDGET:-540}"
-STAGES="${FMKT_GPU_STAGES:-fastpath triton tests numerics speed latency kernels compiled imagenet}"
+STAGES="${FMKT_GPU_STAGES:-fastpath triton tests numerics speed latency kernels compiled imagenet decode}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 mkdir -p "$OUT"
@@ -118,6 +121,13 @@ if want imagenet; then
     timeout "$(box 150)" "$PY" benchmarks/loader_speed.py --workers "$list" --images 2000 --rss-sizes "" \
         --name gpu-host --out "$OUT" 2>&1 | tail -n 40
     note imagenet_loader "${PIPESTATUS[0]}"
+fi
+
+if want decode; then
+    echo "== decode: CPU workers vs data.decode=gpu (batched nvjpeg), images/s, agreement, bad JPEGs"
+    timeout "$(box 150)" "$PY" scripts/gpu_decode.py --out "$OUT" --images 768 --batch 128 2>&1 \
+        | tee "$OUT/gpu_decode.log" | tail -n 70
+    note decode "${PIPESTATUS[0]}"
 fi
 
 echo "== summary (return codes):$summary; $(( $(date +%s) - start )) s"

@@ -236,6 +236,7 @@ MUTATIONS += [
 # issue 20: every number fmkt prints or stores, one planted bug each
 _NB = "tests/test_numbers.py::"
 _NB_R = "tests/test_resume_randomness.py::"
+_DEIT = "tests/test_deit_recipe.py::"
 _NB_EVAL = [_NB + "test_evaluate_gives_each_k_its_own_top1", _NB + "test_eval_cli_prints_and_returns_each_k_top1"]
 _NB_DISTILL = [_NB + "test_distill_stores_and_prints_top1_per_k_and_the_epoch_losses"]
 _NB_BENCH = [_NB + "test_bench_json_csv_and_tables_hold_the_measured_numbers"]
@@ -342,6 +343,84 @@ MUTATIONS += [
     Mutation("numbers: resume: the teacher cache ignores train.seed", "fmkt/commands.py",
              '"epochs": t.train.epochs, "seed": t.train.seed}', '"epochs": t.train.epochs}',
              [_NB_R + "test_a_run_interrupted_while_its_teacher_trains_reruns_to_the_same_teacher_and_student"]),
+    # --- issue 21: deit recipe ---
+    Mutation("deit: Mixup/CutMix drawn from the unseeded global generators", "fmkt/mixing.py",
+             "with seeded_global_rngs(self.generator(epoch, step)):", "if True:",
+             [_DEIT + "test_mixup_is_timms_reproducible_from_the_seed_and_leaves_the_global_generators_alone",
+              _NB_R + "test_resume_equals_uninterrupted"]),
+    Mutation("deit: the mixing step ignores the batch's step", "fmkt/mixing.py",
+             "epoch, round((progress - epoch) * self.iters))", "epoch, 0)",
+             [_DEIT + "test_the_mixing_step_reads_epoch_and_step_from_progress"]),
+    Mutation("deit: label smoothing mixed into the targets as well", "fmkt/mixing.py",
+             'mode="batch", label_smoothing=0.0,', 'mode="batch", label_smoothing=0.1,',
+             [_DEIT + "test_mixup_is_timms_reproducible_from_the_seed_and_leaves_the_global_generators_alone"]),
+    Mutation("deit: a default run wrapped in the mixing step", "fmkt/mixing.py",
+             "    if not d.mixup and not d.cutmix:\n        return step", "    if False:\n        return step",
+             [_DEIT + "test_with_every_key_off_the_run_keeps_its_own_step_and_pipeline"]),
+    Mutation("deit: DKD's class of a soft target is not its argmax", "fmkt/losses.py",
+             "target = hard_target(target)", "target = target.argmin(dim=1)",
+             [_DEIT + "test_ce_and_dkd_on_mixed_targets",
+              _DEIT + "test_a_one_hot_soft_target_gives_the_hard_labels_losses"]),
+    Mutation("deit: per-image augmentation from the unseeded global generators", "fmkt/data/deit_aug.py",
+             "        with seeded_global_rngs(generator):\n            if self.rand_augment:",
+             "        if True:\n            if self.rand_augment:",
+             [_DEIT + "test_image_augment_is_timms_randaugment_and_erasing_seeded_by_the_generator"]),
+    Mutation("deit: repeated augmentation ignores train.seed", "fmkt/data/deit_aug.py",
+             "generator=torch.Generator().manual_seed(seed + epoch)) if shuffle",
+             "generator=torch.Generator().manual_seed(epoch)) if shuffle",
+             [_DEIT + "test_repeated_augmentation_is_timms_repeat_aug_sampler"]),
+    Mutation("deit: KD's CE weight not 1 - alpha", "fmkt/distillers/published_deit.py",
+             '{"temperature": 1.0}, "ce_weight": 0.5,', '{"temperature": 1.0}, "ce_weight": 1.0,',
+             [_DEIT + "test_deit_settings_are_the_authors"]),
+    # --- issue 21: timm export ---
+    Mutation("timm export: the unrolled graph takes the pooled shortcut for a non-linear head", "export/graph.py",
+             "self.pooled_head = model.pooled_head", "self.pooled_head = True",
+             ["tests/test_timm_export.py::test_timm_students_unrolled_match_pytorch_and_are_tensorrt_ready[convnext]"]),
+    Mutation("timm export: LayerNormalization missing from TensorRT 8.6's operators", "export/trt_operators.py",
+             'frozenset({"GroupNormalization", "IsInf", "LayerNormalization"})',
+             'frozenset({"GroupNormalization", "IsInf"})',
+             ["tests/test_timm_export.py::test_timm_students_unrolled_match_pytorch_and_are_tensorrt_ready[deit]"]),
+    Mutation("timm export: the minimum TensorRT is the oldest op's, not the newest's", "export/onnx_export.py",
+             "return max(versions + [BASELINE]", "return min(versions + [BASELINE]",
+             ["tests/test_timm_export.py::test_timm_students_unrolled_match_pytorch_and_are_tensorrt_ready[deit]"]),
+    Mutation("timm export: the static-shape check does not fold the fixed-batch copy", "export/onnx_export.py",
+             "    if problems:\n        try:\n            folded = ort_fold(fixed)",
+             "    if False:\n        try:\n            folded = ort_fold(fixed)",
+             ["tests/test_timm_export.py::test_tensorrt_version_of_each_op_and_the_static_shape_check"]),
+    Mutation("timm export: bench's ONNX graph of a K is the student alone", "bench/runners.py",
+             "module = copy.deepcopy(variant_module(self.source.model, variant, self.method)).cpu()",
+             'module = copy.deepcopy(variant_module(self.source.model, "student", self.method)).cpu()',
+             ["tests/test_timm_export.py::test_bench_times_timm_students_next_to_the_student_alone"]),
+    Mutation("timm export: fp16 graphs round the folded normalisation to fp16 too", "export/onnx_export.py",
+             "node_block_list=input_normalisation(model))", "node_block_list=[])",
+             ["tests/test_timm_export.py::test_cli_exports_the_vit_in_fp16_with_parity_and_the_readiness_op_list"]),
+]
+
+
+# --- issue 21: pixels ---
+_PX = "tests/test_imagefolder.py::"
+MUTATIONS += [
+    Mutation("21 pixels: data.decode=gpu draws the crop from (width, height)", "fmkt/data/workers.py",
+             "None if rng is None else draw_train(*hw, rng)", "None if rng is None else draw_train(hw[1], hw[0], rng)",
+             [_PX + "test_the_byte_path_draws_what_the_cpu_path_draws"]),
+    Mutation("21 pixels: evaluation resized without antialiasing", "fmkt/data/transforms.py",
+             "TF.resize(chw, [eval_resize(size)], antialias=True)",
+             "TF.resize(chw, [eval_resize(size)], antialias=False)",
+             [_PX + "test_crops_are_torchvision_v2_transforms_and_the_previous_code_bit_for_bit"]),
+    Mutation("21 pixels: the flip drawn before the box", "fmkt/data/transforms.py",
+             "    box = random_resized_box(height, width, rng)\n    return box, bool(rng.random() < 0.5)",
+             "    flip = bool(rng.random() < 0.5)\n    return random_resized_box(height, width, rng), flip",
+             [_PX + "test_train_crop_flips_with_the_coin"]),
+    Mutation("21 pixels: a JPEG the device refuses is not decoded on the CPU", "fmkt/data/workers.py",
+             "                chw = decode_bytes(blob[start:end])", "                raise RuntimeError('device only')",
+             [_PX + "test_the_byte_path_handles_bad_jpegs_as_the_workers_do"]),
+    Mutation("21 pixels: Pillow decodes what torchvision.io can", "fmkt/data/transforms.py",
+             "    image = decode_bytes(data) if torchvision_decodes(data) else pillow_rgb(path)",
+             "    image = pillow_rgb(path)", [_PX + "test_pillow_decodes_only_what_torchvision_cannot"]),
+    Mutation("21 pixels: the ImageNet ResNet's features skip the max pool", "fmkt/models/resnet_imagenet.py",
+             "        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))",
+             "        x = self.relu(self.bn1(self.conv1(x)))",
+             ["tests/test_imagenet_models.py::test_logits_are_torchvision_models_own_bit_for_bit"]),
 ]
 
 

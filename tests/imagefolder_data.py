@@ -17,9 +17,11 @@ def digit_images():
     return (digits.images * (255.0 / 16.0)).astype(np.uint8), digits.target
 
 
-def write_image(path: Path, pixels: np.ndarray, k: int, size: int = 32) -> None:
-    """One digit as a ``size`` x ``size`` file; ``k`` picks its format and mode (JPEG/PNG; grey, RGB, RGBA)."""
-    grey = Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR)
+def write_image(path: Path, pixels: np.ndarray, k: int, size=32) -> None:
+    """One digit as a ``size`` x ``size`` file (``size`` (w, h): oblong); ``k`` picks its format and mode (JPEG/PNG;
+    grey, RGB, RGBA)."""
+    grey = Image.fromarray(pixels, mode="L").resize(tuple(size) if isinstance(size, tuple) else (size, size),
+                                                    Image.BILINEAR)
     if k % 3 == 1:  # a coloured digit
         rgb = np.stack([np.asarray(grey), np.asarray(grey) // 2, 255 - np.asarray(grey)], axis=-1)
         img = Image.fromarray(rgb.astype(np.uint8), mode="RGB")
@@ -34,7 +36,7 @@ def write_image(path: Path, pixels: np.ndarray, k: int, size: int = 32) -> None:
 
 
 def make_image_folder(root: Path, train_per_class: int = 32, val_per_class: int = 10, classes: int = 10,
-                      size: int = 32) -> Path:
+                      size=32) -> Path:
     """ROOT with train/ and val/ holding ``classes`` digit classes of real PNG and JPEG files."""
     images, labels = digit_images()
     for split, per_class, offset in [("train", train_per_class, 0), ("val", val_per_class, 100)]:

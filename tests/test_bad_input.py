@@ -233,8 +233,13 @@ CASES = [
      "reads as an image"),
     ("train-imagefolder-mean-of-one-channel", lambda d, a: ["train", *_image_folder(d), "--set", "data.mean=[0.5]",
                                                             "--set", "data.std=[0.5]"], "one value per channel"),
-    ("train-image-size-on-digits", lambda d, a: ["train", "--set", "data.image_size=64"],
-     "applies to --data imagefolder only"),
+    # data.image_size now resizes in-memory data (issue 21); a size below 8 is still refused
+    ("train-image-size-below-8-on-digits", lambda d, a: ["train", "--set", "data.image_size=4"],
+     "data.image_size must be >= 8"),
+    ("distill-unknown-timm-model", lambda d, a: ["distill", "--student", "timm:convnext_atoo"],
+     "did you mean timm:convnext_atto"),
+    ("distill-timm-option-on-a-cnn", lambda d, a: ["distill", "--student", "timm:convnext_atto", "--set",
+                                                   "student_options.feature_layer=stem"], "valid keys here: z1"),
     ("train-workers-negative", lambda d, a: ["train", "--set", "data.workers=-1"], "data.workers must be >= 0"),
     ("train-unknown-logger", lambda d, a: ["train", "--set", "train.log=wandb"], "unknown log 'wandb'"),
 ]

@@ -1,6 +1,8 @@
 """--data imagefolder: real PNG/JPEG files in the ImageNet layout, decoded in DataLoader workers.
 
-The transforms against hand-computed boxes and sizes, decoding, the worker loader (the same batches whatever the
+The transforms against hand-computed boxes and sizes, against torchvision v2's transforms and fmkt's previous
+hand-written code (bit for bit); decoding against Pillow's (identical on PNG, JPEG within a stated difference); the
+worker loader (the same batches whatever the
 number of workers, skip(k), two ranks), unreadable files, subsets; end to end: distill with 2 workers, resume after an
 interruption (the same metrics and weights as an uninterrupted run), eval and export; the TensorBoard logger.
 """
@@ -13,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 from typer.testing import CliRunner
 
 from fmkt.cli.app import app
@@ -106,28 +110,127 @@ def test_random_resized_box_falls_back_to_the_centre_after_ten_tries(h, w, box):
 
 def test_evaluation_resize_and_centre_crop_sizes():
     assert T.eval_resize(224) == 256 and T.eval_resize(32) == 36
-    assert T.resized_shorter_side(375, 500, 256) == (256, 341)  # int(256 * 500 / 375) = 341
-    assert T.resized_shorter_side(500, 375, 256) == (341, 256)
-    assert T.center_box(256, 341, 224) == (16, 58)  # round(16.0), round(58.5) = 58 (half to even, as torchvision)
-    image = torch.full((375, 500, 3), 77, dtype=torch.uint8)
+    # 375 x 500 -> shorter side 256: 256 x int(256 * 500 / 375) = 256 x 341; the centre 224: top round(16.0) = 16,
+    # left round(58.5) = 58 (half to even, as torchvision); and the same turned on its side
+    ramp = torch.arange(375 * 500 * 3, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 375, 500)
+    resized = TF.resize(ramp, [256, 341], antialias=True)
+    assert torch.equal(T.eval_crop(ramp, 224), resized[:, 16:240, 58:282])
+    tall = ramp.transpose(1, 2)
+    assert torch.equal(T.eval_crop(tall, 224), TF.resize(tall, [341, 256], antialias=True)[:, 58:282, 16:240])
+    image = torch.full((3, 375, 500), 77, dtype=torch.uint8)
     out = T.eval_crop(image, 224)
     assert out.shape == (3, 224, 224) and out.dtype == torch.uint8 and bool((out == 77).all())
     # the crop is the centre of the resized image: a left-dark / right-bright image stays dark left, bright right
-    half = torch.zeros((375, 500, 3), dtype=torch.uint8)
-    half[:, 250:] = 200
+    half = torch.zeros((3, 375, 500), dtype=torch.uint8)
+    half[:, :, 250:] = 200
     out = T.eval_crop(half, 224)
     assert int(out[:, :, :100].max()) == 0 and int(out[:, :, 124:].min()) == 200
 
 
 def test_train_crop_flips_with_the_coin():
-    image = torch.zeros((40, 40, 3), dtype=torch.uint8)
-    image[:, :20] = 255  # bright left half
+    image = torch.zeros((3, 40, 40), dtype=torch.uint8)
+    image[:, :, :20] = 255  # bright left half
     whole = [1.0, RATIO_ONE]  # scale 1, ratio 1 on a square: the whole image
     kept = T.train_crop(image, 32, Draws(whole, ints=[0, 0], coin=0.9))
     flipped = T.train_crop(image, 32, Draws(whole, ints=[0, 0], coin=0.1))
     assert kept.shape == flipped.shape == (3, 32, 32)
     assert int(kept[:, :, 0].min()) == 255 and int(kept[:, :, -1].max()) == 0
     assert torch.equal(flipped, kept.flip(-1))
+    assert T.draw_train(40, 40, Draws(whole, ints=[0, 0], coin=0.1)) == ((0, 0, 40, 40), True)
+    for k in range(20):  # the order of the draws (seeded runs crop as before): the box's, then the coin
+        rng = T.item_rng(3, 1, k)
+        box = T.random_resized_box(375, 500, rng)
+        assert T.draw_train(375, 500, T.item_rng(3, 1, k)) == (box, bool(rng.random() < 0.5))
+
+
+# ----------------------------------------------------------------------------- the transforms against torchvision
+def previous_resize(chw, out_hw):
+    """fmkt's own resize until issue 21 (kept here as the record the torchvision ops are checked against)."""
+    x = chw[None].contiguous(memory_format=torch.channels_last)
+    return torch.nn.functional.interpolate(x, size=tuple(out_hw), mode="bilinear", antialias=True,
+                                           align_corners=False)[0]
+
+
+def previous_eval_crop(chw, size):
+    """fmkt's own evaluation crop until issue 21: its shorter-side and centre arithmetic, written out."""
+    h, w, short = chw.shape[1], chw.shape[2], T.eval_resize(size)
+    h, w = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
+    out = previous_resize(chw, (h, w))
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return out[:, top:top + size, left:left + size]
+
+
+def random_images(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        h, w = (int(v) for v in torch.randint(9, 400, (2,), generator=g))
+        yield torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_crops_are_torchvision_v2_transforms_and_the_previous_code_bit_for_bit(size, monkeypatch):
+    """Evaluation: v2's Resize + CenterCrop; training: v2's RandomResizedCrop given fmkt's box (its make_params
+    replaced) then RandomHorizontalFlip; both also equal to fmkt's hand-written code they replaced."""
+    evaluate = v2.Compose([v2.Resize(T.eval_resize(size), antialias=True), v2.CenterCrop(size)])
+    resized_crop, flip = v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(p=1.0)
+    flipped = 0
+    for k, image in enumerate(random_images(40, seed=size)):
+        out = T.eval_crop(image, size)
+        assert out.shape == (3, size, size) and torch.equal(out, evaluate(image)), k
+        assert torch.equal(out, previous_eval_crop(image, size)), k
+        (top, left, h, w), coin = T.draw_train(image.shape[1], image.shape[2], T.item_rng(size, 0, k))
+        monkeypatch.setattr(resized_crop, "make_params", lambda _: dict(top=top, left=left, height=h, width=w))
+        want = resized_crop(image)
+        assert torch.equal(want, previous_resize(image[:, top:top + h, left:left + w], (size, size))), k
+        want = flip(want) if coin else want
+        assert torch.equal(T.train_crop(image, size, T.item_rng(size, 0, k)), want), k
+        flipped += coin
+    assert 5 < flipped < 35  # both sides of the coin were checked
+
+
+JPEG_TOLERANCE = 2  # measured 0 (torchvision 0.29.1 and Pillow 13, both on libjpeg-turbo); other builds may round
+#                     the IDCT and the chroma upsampling differently by a level
+
+
+def pillow_decode(path):
+    """Pillow's decoding as fmkt did it until issue 21 (convert("RGB")), as (3, H, W) uint8."""
+    with Image.open(path) as img:
+        return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+
+
+def test_decoder_is_pillows_on_png_and_within_the_stated_difference_on_jpeg(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    rgb = Image.fromarray(pixels[..., :3])
+    modes = {"L": rgb.convert("L"), "LA": rgb.convert("LA"), "RGB": rgb, "RGBA": Image.fromarray(pixels, "RGBA"),
+             "P": rgb.convert("P")}
+    for mode, img in modes.items():
+        img.save(tmp_path / f"{mode}.png")
+        assert torch.equal(T.decode_rgb(str(tmp_path / f"{mode}.png")), pillow_decode(tmp_path / f"{mode}.png")), mode
+    modes["P"].save(tmp_path / "Pt.png", transparency=3)  # a palette with a transparent entry
+    assert torch.equal(T.decode_rgb(str(tmp_path / "Pt.png")), pillow_decode(tmp_path / "Pt.png"))
+    worst = 0
+    for mode, quality in [("L", 90), ("RGB", 75), ("RGB", 95), ("CMYK", 90)]:
+        path = tmp_path / f"{mode}{quality}.jpg"
+        (rgb.convert(mode) if mode != "RGB" else rgb).save(path, quality=quality)
+        got, want = T.decode_rgb(str(path)), pillow_decode(path)
+        assert got.shape == want.shape == (3, 37, 53) and got.dtype == torch.uint8, mode
+        worst = max(worst, int((got.int() - want.int()).abs().max()))
+    assert worst <= JPEG_TOLERANCE, worst
+
+
+def test_pillow_decodes_only_what_torchvision_cannot(tmp_path, monkeypatch):
+    from torchvision.io import decode_image, read_file
+
+    pixels = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    for name, img in [("a.bmp", Image.fromarray(pixels)), ("a.tif", Image.fromarray(pixels)),
+                      ("a.ppm", Image.fromarray(pixels)), ("a.pgm", Image.fromarray(pixels[..., 0]))]:
+        img.save(tmp_path / name)
+        with pytest.raises(RuntimeError, match="Unsupported image file"):  # else Pillow is not needed for it
+            decode_image(read_file(str(tmp_path / name)))
+        assert torch.equal(T.decode_rgb(str(tmp_path / name)), pillow_decode(tmp_path / name)), name
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    monkeypatch.setattr(T, "pillow_rgb", lambda path: pytest.fail(f"Pillow decoded {path}"))
+    assert T.decode_rgb(str(tmp_path / "a.png")).shape == (3, 20, 30)
 
 
 def test_decoding_converts_every_mode_to_rgb(tmp_path):
@@ -138,8 +241,28 @@ def test_decoding_converts_every_mode_to_rgb(tmp_path):
     Image.new("CMYK", (6, 4), (0, 0, 0, 0)).save(tmp_path / "c.jpg")
     for name, rgb in [("g.png", (90, 90, 90)), ("a.png", (10, 20, 30)), ("p.png", (90, 90, 90))]:
         out = T.decode_rgb(str(tmp_path / name))
-        assert out.shape == (4, 6, 3) and out.dtype == torch.uint8 and out[0, 0].tolist() == list(rgb), name
-    assert T.decode_rgb(str(tmp_path / "c.jpg")).shape == (4, 6, 3)
+        assert out.shape == (3, 4, 6) and out.dtype == torch.uint8 and out[:, 0, 0].tolist() == list(rgb), name
+    assert T.decode_rgb(str(tmp_path / "c.jpg")).shape == (3, 4, 6)
+    deep = (np.arange(24, dtype=np.uint16).reshape(4, 6) * 2731).astype(np.uint16)  # 0 ... 62813
+    Image.fromarray(deep).save(tmp_path / "d.png")  # 16 bits: scaled to 8 (Pillow's conversion saturated at 255)
+    out = T.decode_rgb(str(tmp_path / "d.png"))
+    assert out.dtype == torch.uint8 and torch.equal(out[0], torch.from_numpy((deep >> 8).astype(np.uint8)))
+
+
+def test_unreadable_files_raise_a_short_reason(tmp_path):
+    Image.fromarray(np.full((30, 40, 3), 9, np.uint8)).save(tmp_path / "ok.jpg", quality=90)
+    Image.fromarray(np.full((30, 40, 3), 9, np.uint8)).save(tmp_path / "ok.png")
+    jpeg, png = (tmp_path / "ok.jpg").read_bytes(), (tmp_path / "ok.png").read_bytes()
+    files = {"cut.jpg": jpeg[:len(jpeg) // 2], "cut.png": png[:len(png) // 2], "empty.jpg": b"",
+             "junk.jpg": b"not a jpeg at all", "junk.png": b"\x89PNG but not really"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(Exception) as caught:
+            T.decode_rgb(str(tmp_path / name))
+        why = T.describe_error(caught.value)
+        assert ".cpp:" not in why and len(why) < 160 and ":" in why, (name, why)
+    assert T.jpeg_size(jpeg) == (30, 40) and T.jpeg_size(jpeg[:len(jpeg) // 2]) == (30, 40)  # the header is whole
+    assert T.jpeg_size(jpeg[:20]) is None and T.jpeg_size(png) is None and T.jpeg_size(b"") is None
 
 
 # ----------------------------------------------------------------------------- the folder and its loader
@@ -186,7 +309,7 @@ def test_skip_starts_at_batch_k_and_decodes_nothing_before(clean, monkeypatch):
     full = list(loader)
     decoded = []
     real = workers.decode_rgb
-    monkeypatch.setattr(workers, "decode_rgb", lambda path: decoded.append(path) or real(path))
+    monkeypatch.setattr(workers, "decode_rgb", lambda path, data=None: decoded.append(path) or real(path, data))
     loader.skip(7)
     tail = list(loader)
     assert len(full) == 10 and len(tail) == 3 and len(decoded) == 3 * 8
@@ -334,3 +457,95 @@ def test_eval_refuses_a_folder_with_other_classes(folder, tmp_path):
     with pytest.raises(FmktError, match="not the 10 classes"):
         eval_split("imagefolder", str(other), meta["model"], meta["dataset"])
     assert len(eval_split("imagefolder", str(folder), meta["model"], {})[1]) == 101
+
+
+# ----------------------------------------------------------------------------- data.decode=gpu
+def test_gpu_decode_is_refused_in_one_sentence_without_cuda(clean, tmp_path, monkeypatch):
+    train, _, info = splits(clean)
+    train.decode = "gpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FmktError, match=r"data.decode=gpu .* this machine has none \(torch.cuda.is_available\(\) "
+                                        r"is False\); use data.decode=cpu\.$"):
+        make_loader(train, 8, shuffle=True, augment_info=info, drop_last=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, a run on its CPU
+    with pytest.raises(FmktError, match="this run is on cpu; set train.device=cuda or data.decode=cpu"):
+        make_loader(train, 8, device="cpu")
+    train.decode = "tpu"
+    with pytest.raises(FmktError, match="data.decode is 'tpu': expected one of cpu, gpu"):
+        make_loader(train, 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = cli("train", *folder_args(clean, "--set", "data.decode=gpu", "--set", "data.workers=0"), "--model",
+                 "resnet8", "--epochs", 1, "--out", tmp_path / "o")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "data.decode=gpu decodes JPEGs with nvjpeg" in text, result.output
+    assert not (tmp_path / "o").exists()
+
+
+def on_cpu_as_if_gpu(monkeypatch):
+    """data.decode=gpu's byte path with its device decoding on the CPU (decode_jpeg(list, device="cpu")): all of it
+    but the CUDA call; the refusal lifted."""
+    import fmkt.data.workers as workers
+
+    monkeypatch.setattr(workers, "refuse_gpu_decode", lambda device: None)
+    return workers
+
+
+def loader_batches(data, info, decode, workers, augment=True, epoch=1):
+    data.decode = decode
+    loader = make_loader(data, 8, shuffle=augment, augment_info=info if augment else None, seed=7, drop_last=augment)
+    loader.workers = workers
+    assert loader.fetch.encoded == (decode == "gpu")
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def same(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def oblong(tmp_path_factory):
+    """40 training files (4 per class), 10 validation files, 48 wide and 36 high."""
+    return make_image_folder(tmp_path_factory.mktemp("oblong") / "data", train_per_class=4, val_per_class=1,
+                             size=(48, 36))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_byte_path_draws_what_the_cpu_path_draws(oblong, monkeypatch, workers):
+    """The workers draw each JPEG's box and flip from its header (no decoding) and the batch is decoded together
+    afterwards: on the CPU, the very batches of data.decode=cpu, training and evaluation."""
+    mod = on_cpu_as_if_gpu(monkeypatch)
+    train, val, info = splits(oblong)
+    sizes = [T.jpeg_size(T.read_bytes(train.path(i))) for i in range(len(train))]
+    jpegs = [i for i, hw in enumerate(sizes) if hw is not None]
+    assert 10 < len(jpegs) < len(train)  # JPEGs left encoded, PNGs decoded by the workers
+    assert all(tuple(T.decode_rgb(train.path(i)).shape[1:]) == sizes[i] == (36, 48) for i in jpegs)
+    seen = []
+    real = mod.decode_jpegs
+    monkeypatch.setattr(mod, "decode_jpegs", lambda datas, device: seen.append(len(datas)) or real(datas, device))
+    assert same(loader_batches(train, info, "gpu", workers), loader_batches(train, info, "cpu", workers))
+    assert same(loader_batches(val, info, "gpu", workers, augment=False), loader_batches(val, info, "cpu", 0, False))
+    assert sum(seen) > 10 and max(seen) > 1  # decoded in batches
+
+
+def test_the_byte_path_handles_bad_jpegs_as_the_workers_do(clean, tmp_path, monkeypatch):
+    """A JPEG whose header reads but whose data does not: the device fails, the CPU fails, the file is skipped and
+    counted, replaced in training by the item the CPU path picks, left out of an evaluation; a JPEG only the device
+    cannot decode (as nvjpeg, CMYK) is decoded on the CPU."""
+    mod = on_cpu_as_if_gpu(monkeypatch)
+    train, _, info = splits(clean)
+    good = next(i for i in range(len(train)) if train.path(i).endswith(".jpg"))
+    data = open(train.path(good), "rb").read()
+    (tmp_path / "train" / "digit_0").mkdir(parents=True)
+    (tmp_path / "train" / "digit_0" / "cut.jpg").write_bytes(data[:len(data) // 2])
+    files = np.array([f"{clean}/train/{f.decode()}".encode() for f in train.files[:15]] +
+                     [str(tmp_path / "train" / "digit_0" / "cut.jpg").encode()])
+    runs = {}
+    for decode in ("cpu", "gpu"):
+        bad = ImageFolderSet("/", "", files, torch.cat([train.labels[:15], torch.tensor([0])]), 32, 0)
+        runs[decode] = (loader_batches(bad, info, decode, 0), loader_batches(bad, info, decode, 0, augment=False))
+        assert bad.skipped.count == 1 and bad.skipped.first[0].endswith("cut.jpg"), decode
+    assert same(runs["gpu"][0], runs["cpu"][0]) and same(runs["gpu"][1], runs["cpu"][1])
+    assert sum(len(y) for _, y in runs["gpu"][1]) == 15 and [len(y) for _, y in runs["gpu"][0]] == [8, 8]
+    monkeypatch.setattr(mod, "decode_jpegs", lambda datas, device: [None] * len(datas))
+    assert same(loader_batches(train, info, "gpu", 0), loader_batches(train, info, "cpu", 0))

@@ -5,7 +5,8 @@ source files (torchvision's ``torchvision/models/resnet.py`` from the torchvisio
 ``mdistiller/models/imagenet/mobilenetv1.py``), never from our models. State dicts of exactly those names and
 shapes, with random weights, are saved with ``torch.save``, read back with ``weights_only=True`` and loaded
 strictly; the logits are checked against a plain functional forward written here from the state dict alone
-(torchvision's and mdistiller's forward: strides, shortcut, pools), at 224 x 224 and at 32 x 32.
+(torchvision's and mdistiller's forward: strides, shortcut, pools), at 224 x 224 and at 32 x 32, and the ResNets'
+against ``torchvision.models``' own, bit for bit.
 """
 import json
 import math
@@ -141,6 +142,28 @@ def test_reference_file_loads_strictly_with_the_same_logits(name, tmp_path):
             torch.testing.assert_close(model.forward_head(feat), logits, rtol=0, atol=0)
             assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
             _close(logits, by_hand(name, sd, x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_logits_are_torchvision_models_own_bit_for_bit(name):
+    """The zoo's ResNets are torchvision's: ``torchvision.models.NAME`` and fmkt's, given one state dict (strictly),
+    have the same names and shapes (the fixture's too) and the same logits and features, bit for bit."""
+    import torchvision
+
+    sd = reference_state_dict(name, seed=3)
+    theirs = getattr(torchvision.models, name)(weights=None, num_classes=1000).eval()
+    ours = create_model(name, num_classes=1000).eval()
+    assert [(k, list(v.shape)) for k, v in theirs.state_dict().items()] == list(SHAPES[name].items())
+    for model in (theirs, ours):
+        missing, unexpected = model.load_state_dict(sd, strict=True)
+        assert not missing and not unexpected
+    x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(4))  # a 3 x 3 last map
+    with torch.no_grad():
+        want = theirs(x)
+        assert torch.equal(ours(x), want)
+        trunk = nn.Sequential(*list(theirs.children())[:-2])  # torchvision's modules up to layer4
+        assert torch.equal(ours.forward_features(x), trunk(x))
+    assert float(want.std()) > 0  # not a constant output that any model would match
 
 
 @pytest.mark.parametrize("name,factory", [("resnet18", resnet18), ("resnet34", resnet34), ("resnet50", resnet50),

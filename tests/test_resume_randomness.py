@@ -4,7 +4,8 @@ bit-identical weights.
 
 Sources: the loader's augmentation (digits: random crop, from the loader's own generator), the Dirac ratio's
 permutation (method.dirac_ratio < 1) and N drawn per iteration (method.train_steps with several values), both
-from torch's global generator, and dropout in a student (an import-path model; no zoo model uses dropout); and
+from torch's global generator, dropout in a student (an import-path model; no zoo model uses dropout), Mixup/CutMix
+(data.mixup, data.cutmix: timm's draws from a generator seeded per batch, fmkt.mixing); and
 the default teacher's training: a run interrupted while its teacher trains reruns to the same teacher and the
 same student. The image folder's worker loader is covered by tests/test_imagefolder.py
 (test_resume_mid_epoch_matches_an_uninterrupted_run) and SIGKILL by tests/test_resume_crash.py.
@@ -31,6 +32,7 @@ SOURCES = {
     "dirac ratio": ["--set", "method.dirac_ratio=0.5"],
     "N drawn per iteration": ["--set", "method.train_steps=1,2,4"],
     "dropout": ["--student", "test_resume_randomness:dropout_cnn"],
+    "mixup and cutmix": ["--set", "data.mixup=0.8", "--set", "data.cutmix=1.0"],
 }
 # (where, the distillation step that raises before it runs (1-based), where the resume starts)
 INTERRUPTIONS = [("mid-epoch", 8, "epoch 2, step 2"),  # epoch 2's third step was done, and is lost

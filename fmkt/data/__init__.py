@@ -142,7 +142,7 @@ def is_folder(name: str) -> bool:
 
 def data_options(data_cfg) -> dict:
     """The keyword options of :func:`dataset_info` / :func:`load_dataset` a config's data section sets."""
-    return {"image_size": data_cfg.image_size, "workers": data_cfg.workers,
+    return {"image_size": data_cfg.image_size, "workers": data_cfg.workers, "decode": data_cfg.decode,
             "mean": tuple(data_cfg.mean) or None, "std": tuple(data_cfg.std) or None}
 
 
@@ -156,10 +156,11 @@ def _with_stats(info: DatasetInfo, mean, std) -> DatasetInfo:
                                std=tuple(map(float, std)) if std else info.std)
 
 
-def dataset_info(name: str, data_dir: str | os.PathLike | None = None, *, image_size: int = 224,
-                 workers: int | None = None, mean=None, std=None) -> DatasetInfo:
+def dataset_info(name: str, data_dir: str | os.PathLike | None = None, *, image_size: int | None = None,
+                 workers: int | None = None, mean=None, std=None, decode: str = "cpu") -> DatasetInfo:
     """The :class:`DatasetInfo` of ``name`` (case-insensitive, ``_`` and ``-`` alike); ``mean``/``std`` replace
-    the dataset's statistics, ``image_size`` is an image folder's (other datasets keep their own size).
+    the dataset's statistics; ``image_size``: an image folder's crop side (None: 224), or the side in-memory
+    images are resized to (None: their own).
 
     For an import path ``pkg.module:factory`` the facts come from the data (loaded once and cached); for an image
     folder from its class folders (scanned once and cached).
@@ -167,10 +168,33 @@ def dataset_info(name: str, data_dir: str | os.PathLike | None = None, *, image_
     if is_import_path(name):
         info = load_factory_data(name, None if data_dir is None else str(data_dir))[2]
     elif is_folder(name):
-        info = DATASET_SOURCES[_canonical(name)].opener(data_dir, image_size=image_size, workers=workers)[2]
+        info = DATASET_SOURCES[_canonical(name)].opener(data_dir, image_size=image_size or FOLDER_SIZE,
+                                                        workers=workers)[2]
     else:
         info = DATASET_SOURCES[_canonical(name)].info
-    return _with_stats(info, mean, std)
+    return _with_stats(_sized_info(info, image_size, is_folder(name)), mean, std)
+
+
+FOLDER_SIZE = 224  # an image folder's crop side when data.image_size is not set
+
+
+def _sized_info(info: DatasetInfo, size: int | None, folder: bool) -> DatasetInfo:
+    """``info`` of in-memory data resized to ``size`` x ``size`` (its crop padding scaled with it)."""
+    if folder or size is None or tuple(info.image_size) == (size, size):
+        return info
+    pad = int(round(info.crop_padding * size / info.image_size[0]))
+    return dataclasses.replace(info, image_size=(size, size), crop_padding=pad)
+
+
+def resize_split(split: ImageTensors, size: int | None) -> ImageTensors:
+    """An in-memory split resized once to ``size`` x ``size`` with torchvision (bilinear, antialiased), values kept
+    in [0, 1]; unchanged when ``size`` is None or already its size."""
+    if size is None or tuple(split.images.shape[-2:]) == (size, size):
+        return split
+    from torchvision.transforms.v2 import functional as TF
+
+    images = TF.resize(split.images, [size, size], antialias=True).clamp_(0.0, 1.0)
+    return ImageTensors(images.contiguous(), split.labels)
 
 
 @functools.lru_cache(maxsize=4)
@@ -209,13 +233,13 @@ def _to_tensors(images: np.ndarray, labels: np.ndarray, scale: float) -> ImageTe
 
 
 def load_dataset(
-    name: str, data_dir: str | os.PathLike | None = None, *, image_size: int = 224, workers: int | None = None,
-    mean=None, std=None,
+    name: str, data_dir: str | os.PathLike | None = None, *, image_size: int | None = None, workers: int | None = None,
+    mean=None, std=None, decode: str = "cpu",
 ) -> tuple[ImageTensors, ImageTensors, DatasetInfo]:
     """Load ``name`` as ``(train, test, info)``; ``name`` may be an import path ``pkg.module:factory`` (see
     :func:`fmkt.data.factory.load_factory_data`). ``imagefolder`` gives two :class:`ImageFolderSet` (file lists,
-    decoded at ``image_size`` by ``workers`` DataLoader processes) instead; ``mean``/``std`` as in
-    :func:`dataset_info`.
+    decoded at ``image_size`` by ``workers`` DataLoader processes) instead; in-memory data is resized to
+    ``image_size`` when given (:func:`resize_split`); ``mean``/``std`` as in :func:`dataset_info`.
 
     ``data_dir`` defaults to :data:`DEFAULT_DATA_DIRS`; for ``cifar10``/``cifar100`` it may be the
     release folder itself (``cifar-10-batches-py``) or its parent; ``digits`` ignores it.
@@ -225,15 +249,19 @@ def load_dataset(
     """
     if is_import_path(name):
         train, test, info = load_factory_data(name, None if data_dir is None else str(data_dir))
-        return (ImageTensors(train.images.clone(), train.labels.clone()),
-                ImageTensors(test.images.clone(), test.labels.clone()), _with_stats(info, mean, std))
+        return (resize_split(ImageTensors(train.images.clone(), train.labels.clone()), image_size),
+                resize_split(ImageTensors(test.images.clone(), test.labels.clone()), image_size),
+                _with_stats(_sized_info(info, image_size, False), mean, std))
     key = _canonical(name)
     source = DATASET_SOURCES[key]
     if source.opener is not None:
-        train, test, info = source.opener(data_dir, image_size=image_size, workers=workers)
+        train, test, info = source.opener(data_dir, image_size=image_size or FOLDER_SIZE, workers=workers,
+                                          decode=decode)
         return train, test, _with_stats(info, mean, std)
     folder: str | None = None
     if source.default_dir is not None:
         folder = str(Path(data_dir if data_dir is not None else source.default_dir).expanduser().resolve())
     (tr_x, tr_y, te_x, te_y), scale = _load_cached(key, folder)
-    return _to_tensors(tr_x, tr_y, scale), _to_tensors(te_x, te_y, scale), _with_stats(source.info, mean, std)
+    return (resize_split(_to_tensors(tr_x, tr_y, scale), image_size),
+            resize_split(_to_tensors(te_x, te_y, scale), image_size),
+            _with_stats(_sized_info(source.info, image_size, False), mean, std))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fmkt.data.tensors import DatasetInfo, stratified_indices
-from fmkt.data.transforms import IMG_EXTENSIONS
+from fmkt.data.transforms import IMG_EXTENSIONS, decode_rgb, describe_error
 from fmkt.errors import FmktError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,12 +61,13 @@ class ImageFolderSet:
     """One split of an image folder (``part``: train or val): ``files`` (paths relative to ``root/part``, bytes) and
     ``labels`` (int64 tensor); :meth:`subset`, :meth:`split` and :meth:`take` choose files as ImageTensors' methods
     choose images.
-    ``workers``: the DataLoader worker processes that decode it (None: :func:`fmkt.data.workers.default_workers`)."""
+    ``workers``: the DataLoader worker processes that decode it (None: :func:`fmkt.data.workers.default_workers`);
+    ``decode``: data.decode, where its JPEGs are decoded (cpu: in the workers; gpu: on the run's CUDA device)."""
 
     def __init__(self, root: str, part: str, files: np.ndarray, labels: torch.Tensor, size: int,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, decode: str = "cpu") -> None:
         self.root, self.part, self.files, self.labels = root, part, files, labels
-        self.size, self.workers = int(size), workers
+        self.size, self.workers, self.decode = int(size), workers, decode
         self.skipped = SkippedFiles()
 
     def __len__(self) -> int:
@@ -82,7 +83,8 @@ class ImageFolderSet:
     def take(self, indices: torch.Tensor) -> "ImageFolderSet":
         """The files at ``indices`` (in that order), as a new split sharing this one's folder and settings."""
         idx = indices.numpy()
-        return ImageFolderSet(self.root, self.part, self.files[idx], self.labels[indices], self.size, self.workers)
+        return ImageFolderSet(self.root, self.part, self.files[idx], self.labels[indices], self.size, self.workers,
+                              self.decode)
 
     def subset(self, n: int, seed: int = 0) -> "ImageFolderSet":
         """A seeded, class-stratified subset of ``n`` files (ImageTensors.subset's choice)."""
@@ -138,19 +140,16 @@ def scan_split(folder: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, tu
 
 
 def _probe(folder: str, paths: np.ndarray) -> None:
-    """Raise unless one of up to :data:`PROBES` files spread over the split opens as an image."""
-    from PIL import Image
-
+    """Raise unless one of up to :data:`PROBES` files spread over the split decodes as an image."""
     picks = np.unique(np.linspace(0, len(paths) - 1, min(PROBES, len(paths))).astype(np.int64))
     why = ""
     for i in picks:
         path = os.path.join(folder, os.fsdecode(paths[i]))
         try:
-            with Image.open(path) as img:
-                img.size
+            decode_rgb(path)
             return
-        except Exception as exc:  # any failure to open means the same here: not an image we can read
-            why = why or f"{path}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}"
+        except Exception as exc:  # any failure to decode means the same here: not an image we can read
+            why = why or f"{path}: {describe_error(exc)}"
     raise FmktError(f"no file probed in {folder} reads as an image ({why}); check the files are images.")
 
 
@@ -185,17 +184,17 @@ def _open(root: str) -> tuple:
     return tuple(scans[s][:3] for s in SPLITS)
 
 
-def open_image_folder(data_dir, image_size: int = 224, workers: int | None = None):
+def open_image_folder(data_dir, image_size: int = 224, workers: int | None = None, decode: str = "cpu"):
     """``(train, val, DatasetInfo)`` of the image folder ``data_dir`` at ``image_size`` (RGB; ImageNet's mean/std,
-    which :func:`fmkt.data.load_dataset` may override)."""
+    which :func:`fmkt.data.load_dataset` may override), its JPEGs decoded where ``decode`` says."""
     if data_dir is None:
         raise FmktError(f"--data imagefolder needs --data-dir ROOT, the folder holding {LAYOUT}.")
     root = str(Path(data_dir).expanduser().resolve())
     (classes, tr_files, tr_labels), (_, va_files, va_labels) = _open(root)
     size = int(image_size)
     info = DatasetInfo("imagefolder", len(classes), 3, (size, size), IMAGENET_MEAN, IMAGENET_STD, 0, True, classes)
-    return (ImageFolderSet(root, "train", tr_files, torch.from_numpy(tr_labels.copy()), size, workers),
-            ImageFolderSet(root, "val", va_files, torch.from_numpy(va_labels.copy()), size, workers), info)
+    return (ImageFolderSet(root, "train", tr_files, torch.from_numpy(tr_labels.copy()), size, workers, decode),
+            ImageFolderSet(root, "val", va_files, torch.from_numpy(va_labels.copy()), size, workers, decode), info)
 
 
 def clear_folder_cache() -> None:

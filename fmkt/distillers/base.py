@@ -1,7 +1,8 @@
 """Distillers wire a student, a frozen teacher and a loss dict (mdistiller's shape, without DataParallel).
 
 ``forward_train(images, labels, progress) -> (logits, {"loss_ce": ..., "loss_kd": ...})``; the engine sums the
-dict. ``progress`` is the fractional epoch (DKD's warm-up reads it). Only the student (and any module the
+dict. ``progress`` is the fractional epoch (DKD's warm-up reads it). ``labels``: (B,) class indices, or (B, K)
+soft targets under Mixup/CutMix (fmkt.mixing): CE takes either, DKD the soft target's argmax (fmkt.losses). Only the student (and any module the
 method adds, e.g. FM-KT's teacher projection) is trained; the teacher stays in eval mode with gradients off.
 Every distiller is built as ``cls(student, teacher, cfg, input_shape, **options)`` (fmkt.distillers.METHODS).
 """

@@ -3,7 +3,7 @@
 Per iteration with N steps (fixed, or drawn from a set):
     Z0 = teacher(X) (no grad), Dirac ratio applied to a copy
     Z1 = student features; the shared sampler yields the pooled estimate of each step
-    y_i = S(estimate_i); loss = sum_i (1/N) * (w * D(y_i, Z0) + ce_weight * CE(y_i, labels))
+    y_i = S(estimate_i) (the student's own head); loss = sum_i (1/N) * (w * D(y_i, Z0) + ce_weight * CE(y_i, labels))
 Nothing inside the flow is detached; train-time logits are mean_i y_i.
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ class FMKTDistiller(Distiller):
         z1 = self.student.features(images)
         out = self.student.sample(z1, n)
         wf = warmup_factor(cfg, progress)
-        preds = [self.student.head(p) for p in out.pooled_estimates]
+        preds = self.student.step_logits(out)
         loss_kd = sum(self.metric(y, z0, labels, wf) for y in preds) * (cfg.loss_weight / n)
         loss_ce = sum(self._ce(y, labels) for y in preds) * (cfg.ce_weight / n)
         logits = torch.stack(preds, 0).mean(0)
@@ -129,7 +129,7 @@ class FMKTDistiller(Distiller):
         loss_flow = sum(
             pkd_loss(v.float(), sched.target_velocity(z1, z0, c.t)) for v, c in zip(out.velocities, steps)
         ) * (cfg.loss_weight / n)
-        logits = self.student.head(out.final_state.mean(dim=(2, 3)))
+        logits = self.student.map_head(out.final_state)
         return logits, {"loss_ce": cfg.ce_weight * self._ce(logits, labels), "loss_flow": loss_flow}
 
 
@@ -165,7 +165,7 @@ class OFMKTDistiller(FMKTDistiller):
         cfg, n = self.cfg, self._steps()
         z1 = self.student.features(images)
         out = self.student.sample(z1, n)
-        preds = [self.student.head(p) for p in out.pooled_estimates]
+        preds = self.student.step_logits(out)
         logits = torch.stack(preds, 0).mean(0)
         target = logits.detach()
         wf = warmup_factor(cfg, progress)

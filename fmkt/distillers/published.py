@@ -1,5 +1,6 @@
 """PUBLISHED: each method at its authors' published CIFAR-100 settings, with where every number comes from;
-PUBLISHED_IMAGENET: the same for ImageNet-1k (ResNet-34 -> ResNet-18, ResNet-50 -> MobileNetV1).
+PUBLISHED_IMAGENET: the same for ImageNet-1k (ResNet-34 -> ResNet-18, ResNet-50 -> MobileNetV1); the paper's ViT
+row (DeiT3-Small -> DeiT-Tiny) is fmkt.distillers.published_deit.PUBLISHED_DEIT.
 
 One entry per method (and per method with logit standardization, "+ls"): the ``method`` section (MethodConfig
 fields), the optimiser (OptimConfig fields), the batch size, the source (file path and commit of the authors'
@@ -68,6 +69,7 @@ class Settings:
     per_pair: dict = field(default_factory=dict)  # {(teacher, student): Pair}
     note: str = ""  # what is ours, not the authors' (said in every recipe written from it)
     epochs: int = 240
+    data: dict = field(default_factory=dict)  # DataConfig fields besides the batch (DeiT's augmentation)
 
     def overrides(self, teacher: str, student: str) -> dict:
         """The config overrides for one pair, nested as a YAML recipe holds them."""
@@ -75,7 +77,8 @@ class Settings:
         pair = self.per_pair.get((teacher, student))
         for key, value in (pair.method if pair else {}).items():
             method[key] = {**method.get(key, {}), **value} if isinstance(value, dict) else value
-        return {"student": student, "data": {"batch_size": self.batch_size}, "teacher": {"arch": teacher},
+        return {"student": student, "data": {"batch_size": self.batch_size, **copy.deepcopy(self.data)},
+                "teacher": {"arch": teacher},
                 "method": method, "optim": copy.deepcopy(self.optim), "train": {"epochs": self.epochs}}
 
 

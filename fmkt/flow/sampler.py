@@ -8,7 +8,8 @@
         pooled estimate = mean over H, W    # S = pool + linear, so pooling first is exact
 
 Training uses every step's pooled estimate; inference needs only their mean (S is linear, so the head is
-applied once to the mean).
+applied once to the mean). A model whose head S is not pool + linear (timm's ConvNeXt, MobileNetV3) asks for the
+estimates as maps (``return_estimates``): S runs on each and the prediction is the mean of the steps' logits.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class SamplerOutput:
     pooled_estimates: list  # N tensors (B, C): pooled teacher estimate of each step
     velocities: list | None  # N tensors (B, C, H, W) when asked for (feature transfer regresses them)
     final_state: torch.Tensor  # (B, C, H, W): x after the last step
+    estimates: list | None = None  # N tensors (B, C, H, W) fp32: each step's estimate p Z1 + q v, when asked for
 
     def mean_pooled(self) -> torch.Tensor:
         return torch.stack(self.pooled_estimates, 0).mean(0)
@@ -91,6 +93,7 @@ def run_sampler(
     *,
     return_velocities: bool = False,
     step_fn: StepFn | None = None,
+    return_estimates: bool = False,
 ) -> SamplerOutput:
     """Run the Euler loop from Z1 (B, C, H, W); see the module docstring. Nothing is detached.
 
@@ -102,6 +105,7 @@ def run_sampler(
     emb = time_embeddings(time_embed, steps, x)  # (N, C)
     u = cast(x + emb[0][None, :, None, None], z1.dtype)  # the encoder runs in Z1's dtype (a .half() model: fp16)
     pooled, velocities = [], [] if return_velocities else None
+    maps = [] if return_estimates else None
     for i, c in enumerate(steps):
         v = encoder(u)
         e_next = emb[i + 1][None, :] if i + 1 < len(steps) else None
@@ -109,4 +113,6 @@ def run_sampler(
         pooled.append(est)
         if return_velocities:
             velocities.append(v)
-    return SamplerOutput(pooled_estimates=pooled, velocities=velocities, final_state=x)
+        if return_estimates:
+            maps.append(c.p * fp32(z1) + c.q * fp32(v))
+    return SamplerOutput(pooled_estimates=pooled, velocities=velocities, final_state=x, estimates=maps)

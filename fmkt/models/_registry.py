@@ -35,7 +35,17 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, num_classes: int = 100, in_channels: int = 3, **kwargs) -> nn.Module:
-    """Build the registered model ``name`` for ``num_classes`` outputs and ``in_channels`` input channels."""
+    """Build the registered model ``name`` for ``num_classes`` outputs and ``in_channels`` input channels.
+
+    ``timm:NAME`` builds timm's model with fmkt's backbone interface (fmkt.models.timm_backbone.TimmBackbone),
+    dry-run at ``input_size`` (default: ``img_size`` when given, else 224 x 224); other keywords go to timm."""
+    if name.startswith("timm:"):
+        from fmkt.models.timm_backbone import create_timm_backbone
+
+        side = kwargs.get("img_size", 224)
+        size = kwargs.pop("input_size", None) or (tuple(side) if isinstance(side, (tuple, list)) else (side, side))
+        return create_timm_backbone(name, num_classes=num_classes, in_channels=in_channels, input_size=size,
+                                    options=kwargs.pop("options", None), **kwargs)
     fn = _MODELS.get(name)
     if fn is None:
         raise FmktError(f"Unknown model {name!r}; choose one of: {', '.join(list_models())}.")

@@ -183,17 +183,25 @@ def is_zoo_backbone(module: nn.Module) -> bool:
 
 
 def unwrap(backbone: nn.Module) -> nn.Module:
-    """The module whose state dict a weights file holds: the user's own model inside an adapter."""
-    return backbone.module if isinstance(backbone, ModuleAdapter) else backbone
+    """The module whose state dict a weights file holds: the user's own (or timm's) model inside an adapter."""
+    from fmkt.models.timm_backbone import TimmBackbone
+
+    return backbone.module if isinstance(backbone, (ModuleAdapter, TimmBackbone)) else backbone
 
 
 def create_backbone(arch: str, *, num_classes: int, in_channels: int, input_size, options: dict | None = None,
                     check_head: bool = True, **kwargs) -> nn.Module:
-    """A zoo model by name, or the model of an import path ``pkg.module:factory`` wrapped in a ModuleAdapter.
+    """A zoo model by name, timm's ``timm:NAME`` (fmkt.models.timm_backbone), or the model of an import path
+    ``pkg.module:factory`` wrapped in a ModuleAdapter.
 
     The factory is called with ``num_classes`` and ``in_channels`` when it takes them (and ``kwargs``), and its
     model is dry-run on a random (2, in_channels, *input_size) batch.
     """
+    from fmkt.models.timm_backbone import create_timm_backbone, is_timm
+
+    if is_timm(arch):
+        return create_timm_backbone(arch, num_classes=num_classes, in_channels=in_channels, input_size=input_size,
+                                    options=options, check_head=check_head, **kwargs)
     if not is_import_path(arch):
         from fmkt.models import create_model
 
