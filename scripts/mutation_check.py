@@ -424,6 +424,27 @@ MUTATIONS += [
 ]
 
 
+# --- issue 21: timm core (the model's own head as S, a ViT's Z1) ---
+_TM = "tests/test_timm_models.py::"
+MUTATIONS += [
+    Mutation("21 timm: a non-linear head still takes the pooled shortcut", "fmkt/student.py",
+             "        if self.pooled_head:\n            return [self.head(p) for p in out.pooled_estimates]",
+             "        if True:\n            return [self.head(p) for p in out.pooled_estimates]",
+             [_TM + "test_the_ensemble_is_the_mean_of_the_steps_logits_through_the_own_head"]),
+    Mutation("21 timm: the ensemble is S of the mean estimate map", "fmkt/student.py",
+             "    return torch.stack(model.step_logits(out), 0).mean(0)",
+             "    return model.map_head(torch.stack(out.estimates, 0).mean(0))",
+             [_TM + "test_the_ensemble_is_the_mean_of_the_steps_logits_through_the_own_head"]),
+    Mutation("21 timm: a ViT's Z1 is its first patch token, not the class token", "fmkt/models/timm_backbone.py",
+             "return feat[:, 0, :, None, None]", "return feat[:, 1, :, None, None]",
+             [_TM + "test_vit_z1_is_the_class_token_expanded_to_7x7_as_the_official_code"]),
+    Mutation("21 timm: pretrained=true recorded for the rebuild", "fmkt/student.py",
+             'kwargs = {k: v for k, v in spec.arch_kwargs.items() if k != "pretrained"}',
+             "kwargs = dict(spec.arch_kwargs)",
+             [_TM + "test_pretrained_is_never_recorded_for_the_rebuild"]),
+]
+
+
 def run(m: Mutation) -> tuple[bool, str, float]:
     path = ROOT / m.path
     original = path.read_text()

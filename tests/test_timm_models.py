@@ -293,3 +293,12 @@ def test_data_image_size_resizes_in_memory_data_with_torchvision():
     assert info.crop_padding == 2 * own_info.crop_padding  # the random crop's padding scales with the image
     same, _, _ = load_dataset("digits", image_size=8)
     assert torch.equal(same.images, own.images)
+
+
+def test_pretrained_is_never_recorded_for_the_rebuild():
+    from fmkt.student import spec_of
+
+    backbone = build_student(spec_for(*CONVNEXT)).backbone
+    spec = spec_for(CONVNEXT[0], {"pretrained": True, "drop_rate": 0.0})
+    model = build_student(spec, backbone=backbone)  # the weights came from the hub once; a rebuild loads saved ones
+    assert spec_of(model).arch_kwargs == {"drop_rate": 0.0}

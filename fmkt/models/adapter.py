@@ -53,13 +53,7 @@ class ModuleAdapter(nn.Module):
         self.module = module
         self.feature_layer = feature_layer
         self.classifier_name = classifier
-        was_training = module.training
-        module.eval()  # the dry run must not touch BatchNorm statistics
-        try:
-            with torch.no_grad():
-                self._dry_run(example, check_head)
-        finally:
-            module.train(was_training)
+        in_eval_mode(module, lambda: self._dry_run(example, check_head))
 
     # -- the dry run ---------------------------------------------------------------------------------------
     def _dry_run(self, x: torch.Tensor, check_head: bool) -> None:
@@ -168,6 +162,18 @@ class ModuleAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _logits(self.module(x))
+
+
+def in_eval_mode(module: nn.Module, fn) -> None:
+    """``fn()`` without gradients with ``module`` in eval mode (a dry run must not touch BatchNorm statistics), then
+    the module's mode restored."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        module.train(was_training)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fmkt.errors import FmktError, first_line
+from fmkt.models.adapter import _close, in_eval_mode
 
 PREFIX = "timm:"
 TIMM_OPTIONS = ("z1", "cls_size")
@@ -104,13 +105,7 @@ class TimmBackbone(nn.Module):
             raise FmktError(f"unknown z1 {z1!r}; choose one of {', '.join(Z1_MODES)}.")
         self.z1, self.cls_size = z1 or "cls", int(cls_size)
         self.nhwc = False
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                self._dry_run(example, check_head)
-        finally:
-            module.train(was_training)
+        in_eval_mode(module, lambda: self._dry_run(example, check_head))
 
     # -- the dry run ---------------------------------------------------------------------------------------
     def _dry_run(self, x: torch.Tensor, check_head: bool) -> None:
@@ -190,12 +185,6 @@ class TimmBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape:
-        return False
-    return bool((a - b).abs().max() <= 1e-4 + 1e-3 * b.abs().max())
 
 
 def create_timm_backbone(arch: str, *, num_classes: int, in_channels: int, input_size, options: dict | None = None,
