@@ -9,11 +9,9 @@ What is timed, for every (backend, precision, batch) and every variant:
 - ``K=0`` (the FM-KT^Theta head, when trained) and ``K=n``: the static graph of ``fmkt.export`` with n flow steps
   unrolled (the same module export writes), so eager, compiled and exported numbers describe one computation.
 
-Backends: ``eager`` (PyTorch), ``compile`` (``torch.compile``, one compile per variant and batch), ``cudagraph``
-(CUDA-graph replay of eager, CUDA only), ``onnxruntime`` (the exported ONNX; the provider is asserted: CPU on
-``--device cpu``, CUDA with IOBinding on ``--device cuda``; never a silent fallback), ``trt`` (a TensorRT engine
-built from the ONNX, or the export folder's ``model.plan``; own runner with CUDA events) and ``aoti``
-(AOTInductor package compiled for the device). A backend that cannot run here is a row with the reason.
+Backends: one ``BENCH_BACKENDS`` entry each (``backends``: what it needs, how it builds its Runner, its default
+and build cost): ``eager``, ``compile``, ``cudagraph``, ``onnxruntime``, ``trt``, ``aoti`` today. A backend that
+cannot run here is a row with the reason.
 
 Method: warm-up calls outside the timed loop, then ``iters`` timed rounds; a round times one call of every variant
 in turn (interleaved), so a change of machine load touches the baseline and each K alike. CPU: wall clock
@@ -26,39 +24,62 @@ fp32 (TF32 off everywhere). Accuracy per K comes from the artifact's metrics (Py
 in the precision fmkt.json records: IEEE fp32 since evaluation stopped using autocast); fp16 graphs are held to the
 export parity gate, not re-evaluated here.
 
-Layout, by job: ``plan`` (settings, sources, variants, accuracy, the estimate), ``runners`` (a Runner per backend and
-the Builder), ``timing`` (the one timing harness, also used by benchmarks/), ``report`` (rows, JSON/CSV/PNG, tables);
-this module runs them (``run_bench``). The machine and versions in the JSON come from ``fmkt.runtime.environment``.
+Layout, by job: ``backends`` (the registry; torch-free), ``plan`` (settings, sources, variants, accuracy, the
+estimate), ``runners`` (the Runners, the Builder, the built-in backends' build functions), ``detection`` (a detection
+artifact's variants, modules and ONNX Runtime runner; ``--teacher``), ``timing`` (the one timing
+harness, also used by benchmarks/), ``report`` (rows, JSON/CSV/PNG, tables); this module runs them (``run_bench``).
+They are imported on first use, so ``fmkt-cli bench --help`` reads BENCH_BACKENDS without torch. The machine and
+versions in the JSON come from ``fmkt.runtime.environment``.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import tempfile
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fmkt.errors import FmktError
-from fmkt.runtime import strict_fp32
+from fmkt.export.formats import PRECISIONS, resolve
 
-from .plan import (BACKENDS, BUILD_COST, DEFAULT_BATCHES, DEFAULT_STEPS, PRECISIONS, BenchSettings, Source,
-                   Unavailable, accuracy, check_settings, default_backends, estimate, input_shape, load_source,
-                   num_classes, plan_line, plan_variants, quick_unavailable, variant_label, variant_module)
-from .report import (CSV_FIELDS, BenchResult, Row, _ratios, device_slug, markdown_table, output_paths, plot_bytes,
-                     result_table, row_dict, run_info, skipped_lines, write_outputs)
-from .runners import Builder, CudaGraphRunner, ModuleRunner, OrtRunner, Runner, TrtRunner, _one_line
-from .timing import (Timed, kernel_ms, median_ms, percentiles, time_callable, time_callables,
-                     time_interleaved)
+from .backends import BENCH_BACKENDS, BenchBackend, backends_help, default_backends
 
-__all__ = ["BACKENDS", "BUILD_COST", "CSV_FIELDS", "DEFAULT_BATCHES", "DEFAULT_STEPS", "PRECISIONS", "BenchResult",
-           "BenchSettings", "Builder", "CudaGraphRunner", "ModuleRunner", "OrtRunner", "Row", "Runner", "Source",
-           "Timed", "TrtRunner", "Unavailable", "accuracy", "check_settings", "default_backends", "device_slug",
-           "estimate", "input_shape", "kernel_ms", "load_source", "markdown_table", "median_ms", "output_paths",
-           "percentiles", "plan_variants", "plot_bytes", "quick_unavailable", "result_table", "row_dict",
-           "run_bench", "skipped_lines", "time_callable", "time_callables", "time_interleaved", "variant_label",
-           "variant_module", "write_outputs"]
+_LAZY = {
+    "plan": ("DEFAULT_BATCHES", "DEFAULT_STEPS", "BenchSettings", "Source", "Unavailable", "accuracy",
+             "check_settings", "estimate", "input_shape", "load_source", "num_classes", "plan_line", "plan_variants",
+             "quick_unavailable", "variant_label", "variant_module"),
+    "report": ("CSV_FIELDS", "BenchResult", "Row", "_ratios", "device_slug", "markdown_table", "output_paths",
+               "plot_bytes", "result_table", "row_dict", "run_info", "skipped_lines", "write_outputs"),
+    "runners": ("Builder", "CudaGraphRunner", "ModuleRunner", "OrtRunner", "Runner", "TrtRunner", "_one_line"),
+    "timing": ("Timed", "kernel_ms", "median_ms", "percentiles", "time_callable", "time_callables"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+if TYPE_CHECKING:
+    import torch
+
+    from .plan import BenchSettings, Source
+    from .report import BenchResult, Row
+    from .runners import Builder
+
+__all__ = ["BENCH_BACKENDS", "BenchBackend", "PRECISIONS", "backends_help", "default_backends", "run_bench",
+           "time_interleaved", *(n for n in _WHERE if not n.startswith("_"))]
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def time_interleaved(runners: dict, images, device, warmup: int, iters: int) -> dict:
+    """The timing loop run_bench uses (``timing.time_interleaved``, imported on first call; tests replace it here)."""
+    from .timing import time_interleaved as loop
+
+    return loop(runners, images, device, warmup, iters)
 
 
 def run_bench(path: str | Path, settings: BenchSettings | None = None, *, console=None,
@@ -66,17 +87,25 @@ def run_bench(path: str | Path, settings: BenchSettings | None = None, *, consol
     """Time every (backend, precision, batch, variant); write JSON, CSV and the PNG; return the rows."""
     from rich.console import Console
 
+    from .plan import BenchSettings, check_settings, estimate, load_source, plan_line, plan_variants
+    from .report import BenchResult, _ratios, output_paths, run_info, write_outputs
+
     s = settings or BenchSettings()
     console = console or Console(stderr=True)
     start = time.perf_counter()
     s, device = check_settings(s)
-    source = load_source(path)
+    source = load_source(path, s.teacher)
     variants, notes = plan_variants(source, s.steps)
+    if source.task == "detection":
+        from .detection import adjust_batches
+
+        s = adjust_batches(s, notes)
     if source.note:
         notes.append(source.note)
     json_path, csv_path, png_path = output_paths(source, s, device)
-    if source.model is not None:
-        source.model.to(device).eval()
+    for model in (source.model, source.teacher):
+        if model is not None:
+            model.to(device).eval()
     est = estimate(source, s, device, variants)
     console.print(plan_line(s, variants, device, est), highlight=False)
     rows = _measure_all(source, s, variants, device, console, progress)
@@ -90,6 +119,13 @@ def run_bench(path: str | Path, settings: BenchSettings | None = None, *, consol
 def _measure_all(source: Source, s: BenchSettings, variants: list[str], device: torch.device, console,
                  progress: bool) -> list[Row]:
     """Every backend and precision in turn, on the same random batches (seed 0), with a progress bar."""
+    import torch
+
+    from fmkt.runtime import strict_fp32
+
+    from .plan import input_shape, num_classes
+    from .runners import Builder
+
     gen = torch.Generator().manual_seed(0)
     shape = input_shape(source)
     images = {b: torch.rand((b, *shape), generator=gen) for b in s.batches}
@@ -113,6 +149,11 @@ def _measure_all(source: Source, s: BenchSettings, variants: list[str], device: 
 def _measure(builder: Builder, backend, precision, variants, s: BenchSettings, images, device, source,
              advance) -> list[Row]:
     """Rows of one backend and precision: build each variant once, then time all variants interleaved per batch."""
+    from .plan import Unavailable, accuracy
+    from .report import Row
+    from .runners import _one_line
+    from .timing import percentiles
+
     rows: dict = {}
     runners, build_s = {}, {}
     for variant in variants:
@@ -150,8 +191,9 @@ def _measure(builder: Builder, backend, precision, variants, s: BenchSettings, i
     if not runners:
         advance(len(variants) * len(s.batches))
     del runners, timed  # free sessions, engines and their thread pools before the next backend
-    if backend == "compile":
-        torch._dynamo.reset()
+    cleanup = resolve(BENCH_BACKENDS[backend].cleanup)
+    if cleanup is not None:
+        cleanup()
     gc.collect()
     return [r for v in variants for r in rows[v]]
 

@@ -11,25 +11,17 @@ import torch
 from torch import nn
 
 from fmkt.artifact import is_artifact, load_artifact
+from fmkt.detection.artifact import is_detector_artifact, load_detector_artifact
 from fmkt.errors import FmktError
+from fmkt.export.formats import PRECISIONS
 from fmkt.runtime import resolve_device
 from fmkt.student import DeployableModel
 
+from .backends import BENCH_BACKENDS, default_backends
 from .timing import time_callable
 
-BACKENDS = ("eager", "compile", "cudagraph", "onnxruntime", "trt", "aoti")
-PRECISIONS = ("fp32", "fp16")
 DEFAULT_STEPS = (0, 1, 2, 4, 8)
 DEFAULT_BATCHES = (1, 64)
-# Rough build costs (s) for the estimate printed before anything runs; measured on a 2-core CPU and an H100.
-BUILD_COST = {"cpu": {"compile": 25.0, "aoti": 35.0, "onnxruntime": 1.5, "trt": 0.0},
-              "cuda": {"compile": 20.0, "aoti": 45.0, "onnxruntime": 2.0, "trt": 30.0, "cudagraph": 0.2}}
-
-
-def default_backends(device: str) -> list[str]:
-    """eager + onnxruntime on CPU; on CUDA also CUDA-graph replay and TensorRT (compile and aoti compile per K,
-    so they are opt-in)."""
-    return ["eager", "onnxruntime"] if device == "cpu" else ["eager", "cudagraph", "onnxruntime", "trt"]
 
 
 @dataclass
@@ -42,6 +34,7 @@ class BenchSettings:
     warmup: int = 10
     iters: int = 100
     out: str | Path | None = None  # the JSON path; CSV and PNG are written next to it with the same stem
+    teacher: str | Path | None = None  # detection: also time this teacher (bench/detection.py)
 
 
 class Unavailable(Exception):
@@ -49,7 +42,7 @@ class Unavailable(Exception):
 
 
 def variant_label(variant: str) -> str:
-    return {"student": "student", "0": "theta (K=0)"}.get(variant, f"K={variant}")
+    return {"student": "student", "0": "theta (K=0)", "teacher": "teacher"}.get(variant, f"K={variant}")
 
 
 def check_settings(s: BenchSettings) -> tuple[BenchSettings, torch.device]:
@@ -62,12 +55,12 @@ def check_settings(s: BenchSettings) -> tuple[BenchSettings, torch.device]:
     device = resolve_device(s.device)
     if s.backends is None:
         s = dataclasses.replace(s, backends=default_backends(device.type))
-    bad = [b for b in s.backends if b not in BACKENDS]
+    bad = [b for b in s.backends if b not in BENCH_BACKENDS]
     if bad:
-        raise FmktError(f"unknown backend {bad[0]!r}; choose from {', '.join(BACKENDS)}.")
+        raise FmktError(f"unknown backend {bad[0]!r}; choose from {', '.join(BENCH_BACKENDS)}.")
     bad = [p for p in s.precisions if p not in PRECISIONS]
     if bad:
-        raise FmktError(f"unknown precision {bad[0]!r}; choose fp32 and/or fp16.")
+        raise FmktError(f"unknown precision {bad[0]!r}; choose {' and/or '.join(PRECISIONS)}.")
     if not s.batches or any(b < 1 for b in s.batches):
         raise FmktError(f"--batch values must be >= 1, got {s.batches}.")
     if s.iters < 1 or s.warmup < 0:
@@ -86,18 +79,31 @@ class Source:
     export_meta: dict | None = None
     note: str = ""
     artifact: Path | None = None  # the artifact folder the model was loaded from
+    task: str = "classification"  # or "detection" (bench/detection.py)
+    teacher: nn.Module | None = None  # detection's --teacher
 
 
-def load_source(path: str | Path) -> Source:
+def load_source(path: str | Path, teacher: str | Path | None = None) -> Source:
     path = Path(path)
     if not path.exists():
         raise FmktError(f"{path} does not exist; pass an artifact folder (OUT/artifact) or an export folder.")
     if path.is_dir() and is_artifact(path):
-        model, meta = load_artifact(path)
-        return Source(path, model, meta, artifact=path)
-    if path.is_dir() and (path / "export.json").is_file():
-        return _export_source(path)
-    raise FmktError(f"{path} is neither an fmkt artifact (fmkt.json) nor an export folder (export.json).")
+        if is_detector_artifact(path):
+            from .detection import load_detection_source
+
+            source = load_detection_source(path)
+        else:
+            model, meta = load_artifact(path)
+            source = Source(path, model, meta, artifact=path)
+    elif path.is_dir() and (path / "export.json").is_file():
+        source = _export_source(path)
+    else:
+        raise FmktError(f"{path} is neither an fmkt artifact (fmkt.json) nor an export folder (export.json).")
+    if teacher is not None:
+        from .detection import load_teacher
+
+        source.teacher = load_teacher(source, teacher)
+    return source
 
 
 def _export_source(path: Path) -> Source:
@@ -112,18 +118,23 @@ def _export_source(path: Path) -> Source:
     src = (emeta.get("source") or {}).get("artifact")
     model = meta = None
     note = ""
+    task = emeta.get("task", "classification")
     if src and is_artifact(src):
-        model, meta = load_artifact(src)
+        model, meta = (load_detector_artifact if task == "detection" else load_artifact)(src)
         if meta.get("weights_sha256") != (emeta.get("source") or {}).get("weights_sha256"):
             raise FmktError(f"the artifact {src} has changed since {path} was exported (sha256 differs); "
                             "export again or bench the artifact itself.")
     else:
         note = (f"the source artifact {src or '(not recorded)'} is not here, so only the exported file is timed "
                 "(no student baseline, no accuracy)")
-    return Source(path, model, meta, path, emeta, note, artifact=Path(src) if model is not None else None)
+    return Source(path, model, meta, path, emeta, note, artifact=Path(src) if model is not None else None, task=task)
 
 
 def input_shape(source: Source) -> tuple[int, ...]:
+    if source.meta is not None and source.task == "detection":
+        from fmkt.export.detection import input_side
+
+        return (3, input_side(source.meta), input_side(source.meta))
     if source.meta is not None:
         inp = source.meta["model"]["input"]
         return (inp["channels"], *inp["size"])
@@ -136,8 +147,21 @@ def num_classes(source: Source) -> int:
 
 
 def plan_variants(source: Source, steps: list[int] | None) -> tuple[list[str], list[str]]:
-    """(variants to time, notes on requested K values that this model cannot run)."""
+    """(variants to time, notes on requested K values that this model cannot run); the teacher's last."""
+    variants, notes = _plan_variants(source, steps)
+    if source.task == "detection" and source.export_dir is not None:
+        from .detection import STUDENT_NOTE
+
+        notes.append(STUDENT_NOTE)
+    return variants + (["teacher"] if source.teacher is not None else []), notes
+
+
+def _plan_variants(source: Source, steps: list[int] | None) -> tuple[list[str], list[str]]:
     notes = []
+    if source.task == "detection" and source.export_dir is None:
+        from .detection import detection_variants
+
+        return detection_variants(source, steps)
     if source.export_dir is not None:
         k = int(source.export_meta["steps"])
         if steps is not None and k not in steps:
@@ -160,6 +184,15 @@ def plan_variants(source: Source, steps: list[int] | None) -> tuple[list[str], l
     return ["student"] + [str(k) for k in ok], notes
 
 
+def source_module(source: Source, variant: str) -> nn.Module:
+    """The module bench times for ``variant`` (a detection artifact's: bench/detection.py)."""
+    if source.task == "detection":
+        from .detection import detection_module
+
+        return detection_module(source, variant)
+    return variant_module(source.model, variant, (source.meta or {}).get("method"))
+
+
 def variant_module(model: DeployableModel, variant: str, method: str | None) -> nn.Module:
     from fmkt.export.graph import StudentAlone, static_module
 
@@ -173,31 +206,13 @@ def accuracy(meta: dict | None, variant: str) -> float | None:
     last = metrics.get("last") or {}
     key = "plain" if variant == "student" and "plain" in last else variant
     value = last.get(key)
-    return float(value) if value is not None else None
+    return float(value) if isinstance(value, (int, float)) else None  # a detector's per-K metrics are dicts
 
 
 # --------------------------------------------------------------------------------------------------- estimate
 def quick_unavailable(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` certainly cannot run here, found without building anything (None: it may run)."""
-    import importlib.util
-
-    if backend in ("cudagraph", "trt") and device.type != "cuda":
-        return "needs CUDA"
-    if backend == "trt" and importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed"
-    if backend == "aoti":
-        from fmkt.export.aoti import cuda_refusal
-
-        return cuda_refusal(device)
-    if backend == "onnxruntime":
-        if importlib.util.find_spec("onnxruntime") is None:
-            return "onnxruntime is not installed"
-        if device.type == "cuda":
-            import onnxruntime
-
-            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-                return "no CUDAExecutionProvider"
-    return None
+    return BENCH_BACKENDS[backend].unavailable(device)
 
 
 def estimate(source: Source, s: BenchSettings, device: torch.device, variants: list[str]) -> float:
@@ -205,14 +220,14 @@ def estimate(source: Source, s: BenchSettings, device: torch.device, variants: l
     are rarely slower than eager), times the calls asked for, plus the usual build cost of each backend that can
     run here."""
     per_call = {(v, b): _one_call_s(source, v, b, device) for v in variants for b in s.batches}
-    costs = BUILD_COST[device.type]
     total = 0.0
     for backend in s.backends:
         if quick_unavailable(backend, device):
             continue
+        entry = BENCH_BACKENDS[backend]
         for _ in s.precisions:
             for v in variants:
-                total += costs.get(backend, 0.0) * (len(s.batches) if backend == "compile" else 1)
+                total += entry.build_cost.get(device.type, 0.0) * (len(s.batches) if entry.build_per_batch else 1)
                 total += sum(per_call[(v, b)] * (s.warmup + s.iters) for b in s.batches)
     return total
 
@@ -221,7 +236,7 @@ def _one_call_s(source: Source, variant: str, batch: int, device: torch.device) 
     """Seconds of one eager call of ``variant`` at ``batch`` (an export folder without its artifact: a guess)."""
     if source.model is None:
         return 0.005 * batch
-    module = variant_module(source.model, variant, (source.meta or {}).get("method")).to(device)
+    module = source_module(source, variant).to(device)
     x = torch.rand((batch, *input_shape(source)), device=device)
     with torch.inference_mode():
         return time_callable(lambda: module(x), device, warmup=1, iters=1)[0] / 1e3

@@ -106,6 +106,10 @@ def _model_summary(source: Source) -> dict:
     if source.meta is None:
         e = source.export_meta
         return {"arch": e.get("arch"), "method": e.get("method"), "steps": e.get("steps"), "input": e["input"]["shape"]}
+    if source.task == "detection":
+        from .detection import detection_summary
+
+        return detection_summary(source)
     spec = source.meta["model"]
     return {"arch": spec["arch"], "method": source.meta.get("method"), "encoder": spec.get("encoder"),
             "schedule": spec.get("schedule"), "classes": spec["num_classes"],
@@ -202,8 +206,11 @@ def _panel(ax, ok: list[Row], series: list[tuple], colors: list, has_acc: bool) 
     for i, (backend, precision) in enumerate(series):
         color = colors[i % len(colors)]
         mine = [r for r in ok if r.backend == backend and r.precision == precision]
-        pts = sorted((r for r in mine if r.variant != "student"), key=lambda r: int(r.variant))
+        pts = sorted((r for r in mine if r.variant.isdigit()), key=lambda r: int(r.variant))
         base = next((r for r in mine if r.variant == "student"), None)
+        teacher = next((r for r in mine if r.variant == "teacher"), None)  # detection's --teacher: dotted
+        if teacher is not None and not has_acc:
+            ax.axhline(teacher.p50_ms, color=color, linestyle=":", linewidth=0.9, alpha=0.7)
         name = f"{backend} {precision}"
         if has_acc:
             pts = [r for r in pts if r.top1 is not None]

@@ -1,10 +1,6 @@
-"""The backends bench times: a Runner per (backend, precision, variant), made by the Builder.
-
-``eager`` (PyTorch), ``compile`` (``torch.compile``, one compile per variant and batch), ``cudagraph`` (CUDA-graph
-replay of eager, CUDA only), ``onnxruntime`` (the exported ONNX; the provider is asserted: CPU on ``--device cpu``,
-CUDA with IOBinding on ``--device cuda``; never a silent fallback), ``trt`` (a TensorRT engine built from the ONNX,
-or the export folder's ``model.plan``; buffers on torch's stream) and ``aoti`` (AOTInductor package compiled for the
-device, compiled and first loaded in a child process). A backend that cannot run here raises Unavailable.
+"""How the backends bench times run: a Runner per (backend, precision, variant), made by the Builder through the
+backend's ``BENCH_BACKENDS`` entry (bench/backends.py: what it needs, then its ``build``; the ``build_*`` functions
+below are those of the six built-in backends). A backend that cannot run here raises Unavailable.
 """
 from __future__ import annotations
 
@@ -15,9 +11,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fmkt.errors import FmktError
+from fmkt.errors import FmktError, first_line
 
-from .plan import Source, Unavailable, variant_module
+from fmkt.export.formats import resolve
+
+from .backends import BENCH_BACKENDS
+from .plan import Source, Unavailable, source_module, variant_module
 
 
 class Runner:
@@ -68,17 +67,13 @@ class OrtRunner(Runner):
     """ONNX Runtime with the provider asserted; on CUDA, IOBinding on torch's stream (no host copies timed)."""
 
     def __init__(self, model_bytes: Callable[[], bytes], device: torch.device, precision: str = "fp32"):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise Unavailable("onnxruntime is not installed (pip install 'fmkt[export]', or onnxruntime-gpu for "
-                              "CUDA)") from None
+        import onnxruntime as ort  # installed: BENCH_BACKENDS["onnxruntime"].needs
+
+        refusal = ort_refusal(device)
+        if refusal:
+            raise Unavailable(refusal)
         self.ort, self.cuda = ort, device.type == "cuda"
-        available = ort.get_available_providers()
         want = "CUDAExecutionProvider" if self.cuda else "CPUExecutionProvider"
-        if want not in available:
-            raise Unavailable(f"onnxruntime {ort.__version__} has no {want} here (providers: {', '.join(available)})"
-                              + ("; install onnxruntime-gpu; not falling back to the CPU" if self.cuda else ""))
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -123,6 +118,18 @@ class OrtRunner(Runner):
         return self.y
 
 
+def ort_refusal(device: torch.device) -> str | None:
+    """Why ONNX Runtime cannot run on ``device`` here: its execution provider is missing (never a silent fallback)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    want = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    if want in available:
+        return None
+    return (f"onnxruntime {ort.__version__} has no {want} here (providers: {', '.join(available)})"
+            + ("; install onnxruntime-gpu; not falling back to the CPU" if device.type == "cuda" else ""))
+
+
 def _np_dtype(dtype: torch.dtype):
     import numpy as np
 
@@ -149,23 +156,35 @@ class TrtRunner(Runner):
 
 # --------------------------------------------------------------------------------------------------- the builder
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:240]}" if text else type(exc).__name__
+    return first_line(exc, 240)
 
 
 class Builder:
-    """Makes a Runner for (backend, precision, variant); caches per variant; exported files win when present."""
+    """Makes a Runner for (backend, precision, variant) through the backend's BENCH_BACKENDS entry; caches ONNX
+    graphs per variant; the export folder's own files win when present."""
 
     def __init__(self, source: Source, device: torch.device, tmp: Path, example: torch.Tensor):
         self.source, self.device, self.tmp, self.example = source, device, tmp, example
         self.onnx_cache: dict = {}
         self.method = (source.meta or {}).get("method")
 
-    def _module(self, variant: str, precision: str) -> nn.Module:
+    def build(self, backend: str, precision: str, variant: str) -> Runner:
+        entry = BENCH_BACKENDS.get(backend)
+        if entry is None:
+            raise FmktError(f"unknown backend {backend!r}")
+        reason = entry.unavailable(self.device)
+        if reason:
+            raise Unavailable(reason)
+        return resolve(entry.build)(self, precision, variant)
+
+    def module(self, variant: str, precision: str) -> nn.Module:
+        """The variant's PyTorch module on the device (fp16: half inside, float32 in and out)."""
         if self.source.model is None:
             raise Unavailable(self.source.note)
-        module = variant_module(self.source.model, variant, self.method)
+        module = source_module(self.source, variant)
         if precision == "fp16":
+            if self.source.task == "detection":
+                raise Unavailable("detection is timed in fp32 only (its export is fp32 only)")
             if self.device.type == "cpu":
                 raise Unavailable("PyTorch fp16 on the CPU is not a deployment path; use --device cuda or fp32")
             from fmkt.export.aoti import HalfPrecision
@@ -173,13 +192,12 @@ class Builder:
             module = HalfPrecision(module)  # float32 in and out, like every exported graph
         return module.to(self.device).eval()
 
-    def _exported(self, variant: str, precision: str, fmt: str) -> Path | None:
-        """The export folder's own file for this variant, if it is the one exported."""
+    def exported(self, variant: str, precision: str, key: str) -> Path | None:
+        """The export folder's own file (its export.json ``files[key]``) for this variant, if it is the one exported."""
         e = self.source.export_meta
         if e is None or variant == "student" and e["graph"] != "plain student (no flow)":
             return None
-        want = {"onnxruntime": "onnx", "trt": "engine", "aoti": "aoti"}[fmt]
-        name = (e.get("files") or {}).get(want)
+        name = (e.get("files") or {}).get(key)
         if name is None or e.get("precision") != precision:
             return None
         path = self.source.export_dir / name
@@ -188,7 +206,7 @@ class Builder:
     def onnx_bytes(self, variant: str, precision: str) -> bytes:
         key = (variant, precision)
         if key not in self.onnx_cache:
-            exported = self._exported(variant, precision, "onnxruntime")
+            exported = self.exported(variant, precision, "onnx")
             if exported is not None:
                 self.onnx_cache[key] = exported.read_bytes()
             else:
@@ -200,66 +218,24 @@ class Builder:
                     ox.require("onnx")
                 except FmktError as exc:
                     raise Unavailable(str(exc)) from None
+                if self.source.task == "detection":
+                    from .detection import detection_onnx_bytes
+
+                    self.onnx_cache[key] = detection_onnx_bytes(self.source, variant, self.example)
+                    return self.onnx_cache[key]
                 # a copy: the variant shares the artifact's modules, which may live on the GPU
                 module = copy.deepcopy(variant_module(self.source.model, variant, self.method)).cpu()
-                graph = ox.cleanup(ox.export_onnx(module, self.example[:2].cpu()))
-                if precision == "fp16":
-                    graph = ox.to_fp16(graph)
-                self.onnx_cache[key] = graph.SerializeToString()
+                self.onnx_cache[key] = ox.onnx_graph(module, self.example[:2].cpu(), precision).SerializeToString()
         return self.onnx_cache[key]
 
-    def build(self, backend: str, precision: str, variant: str) -> Runner:
-        cuda = self.device.type == "cuda"
-        if backend == "eager":
-            return ModuleRunner(self._module(variant, precision))
-        if backend == "compile":
-            module = self._module(variant, precision)
-            return ModuleRunner(torch.compile(module, dynamic=False))
-        if backend == "cudagraph":
-            if not cuda:
-                raise Unavailable("CUDA-graph replay needs --device cuda")
-            return CudaGraphRunner(self._module(variant, precision))
-        if backend == "onnxruntime":
-            runner = OrtRunner(lambda: self.onnx_bytes(variant, precision), self.device, precision)
-            runner.num_classes = self.num_classes
-            return runner
-        if backend == "trt":
-            if not cuda:
-                raise Unavailable("TensorRT runs on NVIDIA GPUs; use --device cuda")
-            try:
-                import tensorrt  # noqa: F401
-            except ImportError:
-                raise Unavailable("TensorRT is not installed (pip install tensorrt on a CUDA machine)") from None
-            engine = self._exported(variant, precision, "trt")
-            if engine is None:
-                engine = self._build_engine(variant, precision)
-            return TrtRunner(engine)
-        if backend == "aoti":
-            from fmkt.export.aoti import cuda_refusal
-
-            refusal = cuda_refusal(self.device)
-            if refusal:
-                raise Unavailable(refusal)
-            package = self._exported(variant, precision, "aoti")
-            if package is None or (self.source.export_meta.get("aoti") or {}).get("device") != self.device.type:
-                if self.source.model is None:
-                    raise Unavailable(self.source.note)
-                package = self.tmp / f"aoti-{variant}-{precision}.pt2"
-                self._child("compile", package, variant, precision)
-            # Load and run it once in a child first: loading a CUDA package segfaulted the process on an H100
-            # (torch 2.11); a crash there is a failed row here, not a dead bench.
-            self._child("load", package, variant, precision)
-            return ModuleRunner(torch._inductor.aoti_load_package(str(package)))
-        raise FmktError(f"unknown backend {backend!r}")
-
-    def _child(self, what: str, package: Path, variant: str, precision: str) -> None:
+    def aoti_child(self, what: str, package: Path, variant: str, precision: str) -> None:
         from fmkt.export.aoti import run_in_child
 
         run_in_child(what, artifact=self.source.artifact, graph=variant, package=package,
                      batch=(1, 32, max(2, self.max_batch)), precision=precision, device=self.device,
                      shape=tuple(self.example.shape[1:]))
 
-    def _build_engine(self, variant: str, precision: str) -> Path:
+    def trt_engine(self, variant: str, precision: str) -> Path:
         from fmkt.export.tensorrt_engine import build_engine
 
         onnx_path = self.tmp / f"{variant}-{precision}.onnx"
@@ -268,3 +244,43 @@ class Builder:
         build_engine(onnx_path, engine, self.tmp / f"{variant}-{precision}.cache", tuple(self.example.shape[1:]),
                      (1, max(1, min(32, self.max_batch)), max(1, self.max_batch)), precision)
         return engine
+
+
+# ------------------------------------------------ the built-in backends' build(builder, precision, variant) -> Runner
+def build_eager(b: Builder, precision: str, variant: str) -> Runner:
+    return ModuleRunner(b.module(variant, precision))
+
+
+def build_compile(b: Builder, precision: str, variant: str) -> Runner:
+    return ModuleRunner(torch.compile(b.module(variant, precision), dynamic=False))
+
+
+def build_cudagraph(b: Builder, precision: str, variant: str) -> Runner:
+    return CudaGraphRunner(b.module(variant, precision))
+
+
+def build_onnxruntime(b: Builder, precision: str, variant: str) -> Runner:
+    if b.source.task == "detection":
+        from .detection import DetectionOrtRunner as cls
+    else:
+        cls = OrtRunner
+    runner = cls(lambda: b.onnx_bytes(variant, precision), b.device, precision)
+    runner.num_classes = b.num_classes
+    return runner
+
+
+def build_trt(b: Builder, precision: str, variant: str) -> Runner:
+    return TrtRunner(b.exported(variant, precision, "engine") or b.trt_engine(variant, precision))
+
+
+def build_aoti(b: Builder, precision: str, variant: str) -> Runner:
+    package = b.exported(variant, precision, "aoti")
+    if package is None or (b.source.export_meta.get("aoti") or {}).get("device") != b.device.type:
+        if b.source.model is None:
+            raise Unavailable(b.source.note)
+        package = b.tmp / f"aoti-{variant}-{precision}.pt2"
+        b.aoti_child("compile", package, variant, precision)
+    # Load and run it once in a child first: loading a CUDA package segfaulted the process on an H100
+    # (torch 2.11); a crash there is a failed row here, not a dead bench.
+    b.aoti_child("load", package, variant, precision)
+    return ModuleRunner(torch._inductor.aoti_load_package(str(package)))

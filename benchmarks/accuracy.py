@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import write_json  # noqa: E402
 from benchmarks.accuracy_stats import headline, markdown, pareto_input  # noqa: E402
 
 
@@ -260,7 +261,7 @@ def select_loss(p: Protocol, args, results: dict, out: Path, jobs) -> str:
         sel["holdout_top1"][d] = res["top1"].get("8")  # None: the training failed (the reason is kept)
         if res.get("failed"):
             sel.setdefault("failed", {})[d] = res["failed"]
-        out.write_text(json.dumps(results, indent=1))
+        write_json(out, results, indent=1)
     ran = {d: v for d, v in sel["holdout_top1"].items() if v is not None}
     if not ran:
         raise SystemExit(f"every candidate D failed: {sel.get('failed')}")
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
     results = json.loads(out.read_text()) if out.exists() else {"runs": []}
     if args.report_only:
         print(markdown(results))
-        out.with_name(out.stem + "_pareto.json").write_text(json.dumps(pareto_input(results), indent=1) + "\n")
+        write_json(out.with_name(out.stem + "_pareto.json"), pareto_input(results), indent=1)
         return 0
     console = Console(stderr=True)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(p.seeds)
@@ -330,17 +331,17 @@ def main(argv=None) -> int:
     for res in jobs(pending(results, rows, seeds, best_d)):
         if res.get("failed"):  # kept apart (the table's statistics are over finished runs), and said
             results.setdefault("failed_runs", []).append(res)
-            out.write_text(json.dumps(results, indent=1))
+            write_json(out, results, indent=1)
             console.print(f"  {res['row']} seed {res['seed']}: failed: {res['failed']}")
             continue
         results["runs"].append(res)
-        out.write_text(json.dumps(results, indent=1))
+        write_json(out, results, indent=1)
         console.print(f"  {res['row']} seed {res['seed']}: top-1 {headline(res):.2f} ({res['seconds']:.0f} s)")
     results["total_seconds"] = round(spent_before + time.perf_counter() - t0, 1)  # over every call
-    out.write_text(json.dumps(results, indent=1))
+    write_json(out, results, indent=1)
     table = markdown(results)
     out.with_suffix(".md").write_text(table)
-    out.with_name(out.stem + "_pareto.json").write_text(json.dumps(pareto_input(results), indent=1) + "\n")
+    write_json(out.with_name(out.stem + "_pareto.json"), pareto_input(results), indent=1)
     print(table)
     return 0
 

@@ -20,10 +20,7 @@ sampler >= 3x the eager loop at K = 8, batch 256.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
-import re
 import sys
 from datetime import datetime, timezone
 from functools import partial
@@ -32,8 +29,11 @@ from typing import Callable
 
 import torch
 
-from fmkt.bench.timing import kernel_ms
-from fmkt.runtime import environment
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import slug, write_csv, write_json  # noqa: E402
+from fmkt.bench.timing import kernel_ms  # noqa: E402
+from fmkt.runtime import environment  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STEP_SIZES = [  # (label, B, C, H, W)
@@ -151,25 +151,11 @@ def bench_sampler(timer, device, dtype, smoke):
     return rows
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def write_results(out: Path, meta: dict, rows: list) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
     stem = slug(f"kernels_{meta['device']}_torch{meta['torch']}_triton{meta['triton']}")
-    jpath, cpath = out / f"{stem}.json", out / f"{stem}.csv"
-    tmp = jpath.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    tmp.replace(jpath)
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("op", "size", "shape", "dtype"), k))
-    tmp = cpath.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=keys)
-        wr.writeheader()
-        wr.writerows(rows)
-    tmp.replace(cpath)
-    return jpath, cpath
+    return (write_json(out / f"{stem}.json", {"meta": meta, "rows": rows}),
+            write_csv(out / f"{stem}.csv", rows, keys))
 
 
 def print_tables(meta, step_rows, sampler_rows, copy_gbs, use_compile):

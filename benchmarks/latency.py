@@ -22,7 +22,6 @@ Targets are checked and printed (measured / not measured), never asserted:
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -33,10 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fmkt.artifact import is_artifact, save_artifact  # noqa: E402
-from fmkt.bench import BenchSettings, device_slug, markdown_table, run_bench  # noqa: E402
+from benchmarks._common import find_row, machine_slug, synthetic_artifact, write_json  # noqa: E402
+from fmkt.artifact import is_artifact  # noqa: E402
+from fmkt.bench import BenchSettings, markdown_table, run_bench  # noqa: E402
 from fmkt.runtime import environment  # noqa: E402
-from fmkt.student import StudentSpec, build_student, spec_of  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -53,18 +52,8 @@ def parse_args(argv=None):
 
 
 def resnet8x4_artifact(folder: Path) -> Path:
-    path = folder / "resnet8x4-theta"
-    if is_artifact(path):
-        return path
-    torch.manual_seed(0)
-    model = build_student(StudentSpec(arch="resnet8x4", num_classes=100, channels=3, size=(32, 32),
-                                      mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), encoder="conv",
-                                      theta_head=True))
-    spec = spec_of(model).to_json()
-    info = {"method": "theta", "loss": "dist", "train_steps": [8],
-            "dataset": {"name": "cifar100-shaped (random weights, latency only)", "num_classes": 100},
-            "metrics": {}}
-    return save_artifact(path, model, spec, info)
+    """The CIFAR-shaped FM-KT^Theta student (conv encoder, random weights), made once under ``folder``."""
+    return synthetic_artifact(folder / "resnet8x4-theta", "resnet8x4", "conv", reuse=True)
 
 
 def default_artifact(path: Path) -> Path:
@@ -90,22 +79,17 @@ def passes(device: str, quick: bool, compiled: bool) -> list[tuple[str, BenchSet
     return out
 
 
-def find(rows, backend, precision, batch, variant):
-    return next((r for r in rows if (r.backend, r.precision, r.batch, r.variant) == (backend, precision, batch,
-                                                                                    variant)), None)
-
-
 def targets(rows, device: str) -> list[str]:
     """Each target, with the numbers it rests on, or 'not measured' and why."""
     lines = []
     backends = sorted({r.backend for r in rows if r.status == "ok"})
     for backend in backends:
         for batch in (1, 64):
-            r = find(rows, backend, "fp32", batch, "4")
+            r = find_row(rows, backend=backend, precision="fp32", batch=batch, variant="4")
             if r is not None and r.status == "ok" and r.x_student:
                 lines.append(f"K=4 overhead, {backend} fp32, batch {batch}: {r.x_student:.2f}x the student alone "
                              f"(target <= 1.3x: {'met' if r.x_student <= 1.3 else 'NOT met'})")
-            t = find(rows, backend, "fp32", batch, "0")
+            t = find_row(rows, backend=backend, precision="fp32", batch=batch, variant="0")
             if t is not None and t.status == "ok" and t.x_student:
                 lines.append(f"theta (K=0) overhead, {backend} fp32, batch {batch}: {t.x_student:.2f}x (target 1.0x)")
     def speedup(slow, fast, what, target):
@@ -115,15 +99,16 @@ def targets(rows, device: str) -> list[str]:
             return True
         return False
 
-    eager4 = find(rows, "eager", "fp32", 1, "4")
+    eager4 = find_row(rows, backend="eager", precision="fp32", batch=1, variant="4")
     if device == "cpu":
-        speedup(eager4, find(rows, "onnxruntime", "fp32", 1, "4"), "ONNX Runtime CPU vs eager, K=4, batch 1", 1.5)
+        ort4 = find_row(rows, backend="onnxruntime", precision="fp32", batch=1, variant="4")
+        speedup(eager4, ort4, "ONNX Runtime CPU vs eager, K=4, batch 1", 1.5)
     else:
-        trt = find(rows, "trt", "fp16", 1, "4")
+        trt = find_row(rows, backend="trt", precision="fp16", batch=1, variant="4")
         if not speedup(eager4, trt, "TensorRT FP16 vs eager FP32, K=4, batch 1", 3):
             why = trt.reason if trt is not None and trt.status != "ok" else "not run"
             lines.append(f"TensorRT FP16 vs eager FP32: not measured ({why})")
-            graph = find(rows, "cudagraph", "fp16", 1, "4")
+            graph = find_row(rows, backend="cudagraph", precision="fp16", batch=1, variant="4")
             if eager4 and graph and eager4.status == graph.status == "ok":
                 lines.append(f"(for scale) CUDA-graph FP16 vs eager FP32, K=4, batch 1: "
                              f"{eager4.p50_ms / graph.p50_ms:.2f}x")
@@ -137,18 +122,18 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = device_slug(environment(torch.device(args.device))["machine"])
+    slug = machine_slug(args.device, environment(torch.device(args.device))["machine"], with_device=True)
     students = []
     if args.only in (None, "default"):
         students.append(("default", default_artifact(Path(args.artifact))))
     if args.only in (None, "resnet8x4"):
         students.append(("resnet8x4", resnet8x4_artifact(Path(args.work))))
     for name, path in students:
-        md = [f"# Latency on {slug} ({time.strftime('%Y-%m-%d')})", ""]
+        md = [f"# Latency on {slug.removeprefix(args.device + '-')} ({time.strftime('%Y-%m-%d')})", ""]
         summary = {}
         all_rows = []
         for suffix, settings in passes(args.device, args.quick, not args.no_compiled):
-            settings.out = out / f"latency_{args.device}-{slug}_{name}{suffix}.json"
+            settings.out = out / f"latency_{slug}_{name}{suffix}.json"
             print(f"\n== {name}{suffix}: {path}", flush=True)
             res = run_bench(path, settings)
             all_rows += res.rows
@@ -166,9 +151,9 @@ def main(argv=None) -> int:
         summary[name]["targets"] = checks
         md += [f"### targets ({name})", ""] + [f"- {c}" for c in checks] + [""]
         print("\n".join(["", f"targets ({name}):"] + [f"  {c}" for c in checks]), flush=True)
-        (out / f"latency_{args.device}-{slug}_{name}.md").write_text("\n".join(md) + "\n")
-        (out / f"latency_{args.device}-{slug}_{name}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\nwrote {out}/latency_{args.device}-{slug}*")
+        (out / f"latency_{slug}_{name}.md").write_text("\n".join(md) + "\n")
+        write_json(out / f"latency_{slug}_{name}_summary.json", summary)
+    print(f"\nwrote {out}/latency_{slug}*")
     return 0
 
 

@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import machine_slug, write_json  # noqa: E402
 from fmkt.data import load_dataset, make_loader  # noqa: E402
 from fmkt.data import transforms as T  # noqa: E402
 from fmkt.runtime import environment  # noqa: E402
@@ -197,7 +198,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=640, help="ImageNet-sized JPEGs for the speed rows")
     ap.add_argument("--rss-sizes", default="2000,8000", help="folder sizes for the memory rows ('' : none)")
     ap.add_argument("--workers", default="1,2", help="worker counts for the speed rows (e.g. 1,4,8,16 on a GPU host)")
-    ap.add_argument("--name", default="cpu", help="the output file is OUT/loader_speed_<name>.json")
+    ap.add_argument("--name", default=None, help="the output file is OUT/loader_speed_<name>.json (default: cpu)")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -222,7 +223,8 @@ def main() -> None:
     result["gpu_need_computed"] = gpu_need(result["flops_224"], per_worker, cost["train_images_per_s_one_core"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"loader_speed_{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = args.name or machine_slug("cpu", result["environment"]["machine"])  # the host's CPU loader: "cpu"
+    write_json(out / f"loader_speed_{name}.json", result)
     print(json.dumps({k: result[k] for k in ("load_average_before_after", "speed_224", "in_process_one_thread",
                                               "resident_memory", "gpu_need_computed")}, indent=2))
 

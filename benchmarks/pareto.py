@@ -18,25 +18,11 @@ K and batch, ~20 s each: ~12 min more for 3 encoders; or ``trt``, ``onnxruntime`
 ``--device cuda`` without a visible GPU stops with one sentence (exit 2, nothing timed or written); ``--device
 auto`` takes the GPU when there is one and otherwise says, in one line, that it times on the CPU.
 
-Accuracy (``--accuracy FILE``, optional; without it the table says "not measured"), a JSON object:
+Accuracy (``--accuracy FILE``, optional; without it the table says "not measured"): a JSON object whose format
+benchmarks/pareto_accuracy.py describes (benchmarks/accuracy.py writes one: ``accuracy_<protocol>_pareto.json``).
 
-    {"student": "resnet8x4",                # optional: the student the numbers belong to; only that student's
-                                            #   table shows them (absent: every student's, with a note)
-     "dataset": "cifar100", "protocol": "240 epochs, 3 seeds",     # optional, printed with the table
-     "rows": [
-       {"method": "theta", "encoder": "dwconv", "K": 2, "mean": 74.10, "std": 0.21, "n": 3},
-       {"method": "theta", "encoder": "conv", "key": "0", "mean": 73.90, "std": 0.30},
-       {"method": "none", "mean": 72.50, "std": 0.31},             # no encoder: the student alone
-       {"method": "dkd", "mean": 76.32, "std": 0.18}]}             # no encoder: a baseline
-
-Top-1 in %. A row with an ``encoder`` is the point (encoder, K); K is ``"K"`` (an int) or ``"key"`` (fmkt.json's
-metrics key, "0" = the theta head); only rows of ``--method`` (default theta, the method of the timed artifacts)
-are used, others are listed as ignored. ``std`` and ``n`` (seeds) are optional. A row without an encoder is a
-plain student of the same architecture (same latency as the student alone): method ``none`` is the student
-alone, any other is a baseline, and the best baseline is the one with the highest mean.
-
-Outputs (``--out``, default benchmarks/results): ``pareto_<device>-<machine>[_<--name>].md`` (the tables), ``.json`` (the
-machine and versions from fmkt.runtime.environment, the settings, the accuracy source and every bench row) and
+Outputs (``--out``, default benchmarks/results): ``pareto_<device>-<machine>[_<--name>].md`` (the tables), ``.json``
+(the machine and versions from fmkt.runtime.environment, the settings, the accuracy source and every bench row) and
 one ``.png``: top-1 against p50 latency per encoder with K labelled, the student alone and the best baseline as
 reference lines (a panel per student and batch), or, without accuracy, latency against K per encoder as a
 multiple of the student alone (x student, comparable across the runs) with 1.0 and 1.3 marked. Each bench run's
@@ -45,12 +31,10 @@ own JSON/CSV/PNG go under ``--work``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,19 +42,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fmkt.artifact import save_artifact  # noqa: E402
-from fmkt.bench import BenchSettings, device_slug, row_dict, run_bench  # noqa: E402
+from benchmarks._common import STUDENTS, find_row, machine_slug, synthetic_artifact, write_json  # noqa: E402
+from benchmarks.pareto_accuracy import Accuracy, accuracy_json, accuracy_lines, fmt_acc, load_accuracy  # noqa: E402
+from fmkt.bench import BenchSettings, row_dict, run_bench  # noqa: E402
 from fmkt.errors import FmktError  # noqa: E402
 from fmkt.flow.encoders import ENCODERS  # noqa: E402
 from fmkt.runtime import environment  # noqa: E402
-from fmkt.student import StudentSpec, build_student, spec_of  # noqa: E402
 
-STUDENTS = {  # name -> StudentSpec fields (the dataset shape each one is deployed on)
-    "resnet8x4": dict(arch="resnet8x4", num_classes=100, channels=3, size=(32, 32), mean=(0.5071, 0.4865, 0.4409),
-                      std=(0.2673, 0.2564, 0.2762)),
-    "resnet8": dict(arch="resnet8", num_classes=10, channels=1, size=(28, 28), mean=(0.2860,), std=(0.3530,)),
-}
-DATASET_SHAPE = {"resnet8x4": "cifar100-shaped", "resnet8": "fashion-mnist-shaped"}
 ENCODERS_DEFAULT = ("conv", "dwconv", "mlp")
 BACKENDS = {"cpu": ["onnxruntime"], "cuda": ["cudagraph"]}
 BUDGET = 1.3  # the latency a deployable K-step student should stay within, as a multiple of the student alone
@@ -87,7 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--precision", default="fp32", help="fp32 and/or fp16 (fp16: CUDA backends)")
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--accuracy", default=None, help="accuracy JSON (format in this file's docstring)")
+    ap.add_argument("--accuracy", default=None, help="accuracy JSON (format: benchmarks/pareto_accuracy.py)")
     ap.add_argument("--method", default="theta", help="the method whose accuracy rows are the flow points")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-pareto"), help="artifacts and bench files")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -108,102 +86,16 @@ def pick_device(asked: str) -> str:
     return asked
 
 
-# --------------------------------------------------------------------------------------------------- accuracy
-@dataclass
-class Accuracy:
-    """The accuracy file, sorted: points[(encoder, K)], the student alone and the baselines, as (mean, std, n)."""
-    source: str
-    method: str
-    student: str | None = None
-    dataset: str | None = None
-    protocol: str | None = None
-    points: dict = field(default_factory=dict)
-    alone: tuple | None = None
-    baselines: dict = field(default_factory=dict)
-    ignored: list = field(default_factory=list)
-
-    def best_baseline(self) -> tuple[str, tuple] | None:
-        return max(self.baselines.items(), key=lambda kv: kv[1][0]) if self.baselines else None
-
-    def applies_to(self, student: str) -> bool:
-        return self.student is None or self.student == student
-
-
-def _number(row: dict, key: str, where: str, required: bool = True) -> float | None:
-    value = row.get(key)
-    if value is None and not required:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FmktError(f"{where}: {key!r} must be a number, got {value!r}.")
-    return float(value)
-
-
-def _steps_of(row: dict, where: str) -> int:
-    raw = row.get("K", row.get("key"))
-    try:
-        k = int(raw)
-    except (TypeError, ValueError):
-        raise FmktError(f"{where}: a row with an encoder needs \"K\" (an int) or \"key\" (\"0\", \"1\", ...), "
-                        f"got {raw!r}.") from None
-    if k < 0:
-        raise FmktError(f"{where}: K must be >= 0, got {k}.")
-    return k
-
-
-def load_accuracy(path: str, method: str) -> Accuracy:
-    """Read and check ``--accuracy FILE`` (the format is in the module docstring); errors are one sentence."""
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except OSError as exc:
-        raise FmktError(f"--accuracy {path}: cannot read it ({exc.strerror or exc}).") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FmktError(f"--accuracy {path} is not valid JSON ({exc}).") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
-        raise FmktError(f"--accuracy {path} must be a JSON object with a \"rows\" list (see benchmarks/pareto.py).")
-    acc = Accuracy(str(p), method, doc.get("student"), doc.get("dataset"), doc.get("protocol"))
-    for i, row in enumerate(doc["rows"]):
-        where = f"--accuracy {path}, row {i}"
-        if not isinstance(row, dict) or not isinstance(row.get("method"), str):
-            raise FmktError(f"{where}: each row is an object with a \"method\" name.")
-        value = (_number(row, "mean", where), _number(row, "std", where, False), row.get("n"))
-        encoder = row.get("encoder")
-        if encoder is None or row.get("key") == "plain":
-            if row["method"] == "none":
-                acc.alone = value
-            else:
-                acc.baselines[row["method"]] = value
-        elif encoder not in ENCODERS:
-            acc.ignored.append(f"row {i}: encoder {encoder!r} is not registered here")
-        elif row["method"] != method:
-            acc.ignored.append(f"row {i}: method {row['method']} (the flow points are --method {method})")
-        else:
-            acc.points[(encoder, _steps_of(row, where))] = value
-    return acc
-
-
-def fmt_acc(value: tuple | None) -> str:
-    if value is None:
-        return "not measured"
-    mean, std, n = value
-    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "") + (f" (n={n})" if n else "")
-
-
 # --------------------------------------------------------------------------------------------------- timing
 def make_artifact(work: Path, student: str, encoder: str) -> Path:
     """An FM-KT^Theta artifact of ``student`` with ``encoder``, random weights (seed 0), rebuilt every run so a
     changed encoder is never timed from a stale file."""
-    torch.manual_seed(0)
-    model = build_student(StudentSpec(**STUDENTS[student], encoder=encoder, theta_head=True))
-    record = {"method": "theta", "loss": "dist", "train_steps": [8],
-              "dataset": {"name": f"{DATASET_SHAPE[student]} (random weights, latency only)",
-                          "num_classes": STUDENTS[student]["num_classes"]}, "metrics": {}}
-    return save_artifact(work / f"{student}-{encoder}", model, spec_of(model).to_json(), record)
+    return synthetic_artifact(work / f"{student}-{encoder}", student, encoder)
 
 
 def time_all(args, device: str, students: list[str], encoders: list[str]) -> dict:
     """{student: {encoder: [bench rows as dicts]}}: one run_bench per (student, encoder)."""
-    work, slug = Path(args.work), device_slug(environment(torch.device(device))["machine"])
+    work, slug = Path(args.work), machine_slug(device, environment(torch.device(device))["machine"], with_device=True)
     backends = args.backends.split(",") if args.backends else BACKENDS[device]
     out: dict = {}
     for student in students:
@@ -212,7 +104,7 @@ def time_all(args, device: str, students: list[str], encoders: list[str]) -> dic
             settings = BenchSettings(backends=backends, batches=[int(b) for b in args.batch.split(",")],
                                      steps=[int(k) for k in args.steps.split(",")],
                                      precisions=args.precision.split(","), device=device, warmup=args.warmup,
-                                     iters=args.iters, out=work / "bench" / f"{student}-{encoder}_{device}-{slug}.json")
+                                     iters=args.iters, out=work / "bench" / f"{student}-{encoder}_{slug}.json")
             print(f"\n== {student}, encoder {encoder}: {path}", flush=True)
             res = run_bench(path, settings)
             out.setdefault(student, {})[encoder] = [row_dict(r) for r in res.rows]
@@ -230,16 +122,12 @@ def series_of(rows_by_encoder: dict) -> list[tuple[str, str]]:
     return seen
 
 
-def find(rows: list[dict], backend: str, precision: str, variant: str, batch: int) -> dict | None:
-    return next((r for r in rows if (r["backend"], r["precision"], r["variant"], r["batch"]) ==
-                 (backend, precision, variant, batch)), None)
-
-
 def collect(rows_by_encoder: dict, backend: str, precision: str, batches: list[int], acc: Accuracy | None) -> list:
     """The Pareto points of one student and series: the student alone (median of the runs' baselines), then
     (encoder, K) with p50 and x student per batch and the top-1 when known."""
     def p50s(variant, batch):
-        got = [find(rows, backend, precision, variant, batch) for rows in rows_by_encoder.values()]
+        got = [find_row(rows, backend=backend, precision=precision, variant=variant, batch=batch)
+               for rows in rows_by_encoder.values()]
         return [r["p50_ms"] for r in got if r and r["status"] == "ok"]
 
     alone = {b: statistics.median(p50s("student", b)) if p50s("student", b) else None for b in batches}
@@ -248,7 +136,8 @@ def collect(rows_by_encoder: dict, backend: str, precision: str, batches: list[i
     for encoder, rows in rows_by_encoder.items():
         ks = sorted({int(r["variant"]) for r in rows if r["variant"] != "student"})
         for k in ks:
-            cells = {b: find(rows, backend, precision, str(k), b) for b in batches}
+            cells = {b: find_row(rows, backend=backend, precision=precision, variant=str(k), batch=b)
+                     for b in batches}
             points.append({"encoder": encoder, "K": k,
                            "p50_ms": {b: c["p50_ms"] if c and c["status"] == "ok" else None for b, c in cells.items()},
                            "x_student": {b: c["x_student"] if c else None for b, c in cells.items()},
@@ -365,13 +254,13 @@ def _latency_panel(ax, points: list, batch: int, acc) -> None:
 def report(args, device: str, results: dict, acc: Accuracy | None, run: dict) -> dict:
     """Write the Markdown, the JSON and the PNG; return the file paths."""
     env = environment(torch.device(device))
-    slug = device_slug(env["machine"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"pareto_{device}-{slug}{'_' + args.name if args.name else ''}"
+    stem = out / f"pareto_{machine_slug(device, env['machine'], with_device=True)}" \
+                 f"{'_' + args.name if args.name else ''}"
     batches = [int(b) for b in args.batch.split(",")]
     m = env["machine"]
-    md = _header(args, env, device, run) + _accuracy_lines(acc)
+    md = _header(args, env, device, run) + accuracy_lines(acc)
     panels, tables = [], {}
     for student, by_encoder in results.items():
         mine = acc if acc is not None and acc.applies_to(student) else None
@@ -390,9 +279,9 @@ def report(args, device: str, results: dict, acc: Accuracy | None, run: dict) ->
            "command": "python benchmarks/pareto.py " + " ".join(sys.argv[1:]), "machine": env["machine"],
            "versions": env["versions"], "device": device, **run,
            "settings": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
-           "accuracy": _accuracy_json(acc), "plot": {"written": why is None, **({"reason": why} if why else {})},
+           "accuracy": accuracy_json(acc), "plot": {"written": why is None, **({"reason": why} if why else {})},
            "tables": tables, "bench_rows": results}
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    write_json(stem.with_suffix(".json"), doc, indent=1, default=str)
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md), flush=True)
     return {"md": str(stem.with_suffix(".md")), "json": str(stem.with_suffix(".json")),
@@ -412,22 +301,6 @@ def _header(args, env: dict, device: str, run: dict) -> list[str]:
             "(interleaved call by call), the number to compare across encoders; `student alone`: the median of the "
             "runs' baselines. Each encoder is its own run, minutes apart, so on a shared machine their absolute ms "
             "also carry the load of the moment.", ""]
-
-
-def _accuracy_lines(acc: Accuracy | None) -> list[str]:
-    if acc is None:
-        return ["Accuracy: not measured (no `--accuracy FILE`); the table is latency only.", ""]
-    lines = [f"Accuracy: {acc.source} (method {acc.method}; student {acc.student or 'not stated'}; dataset "
-             f"{acc.dataset or 'not stated'}; protocol {acc.protocol or 'not stated'}); top-1 mean ± std over seeds."]
-    lines += [f"- ignored: {line}" for line in acc.ignored]
-    return lines + [""]
-
-
-def _accuracy_json(acc: Accuracy | None) -> dict:
-    if acc is None:
-        return {"measured": False}
-    return {"measured": True, "file": acc.source, "method": acc.method, "student": acc.student,
-            "dataset": acc.dataset, "protocol": acc.protocol, "ignored": acc.ignored}
 
 
 def main(argv=None) -> int:

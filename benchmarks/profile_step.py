@@ -8,12 +8,13 @@ Each forward piece is timed by wrapping the module (or function) that does it, w
 device synchronised, summed over the step; backward and the optimiser step are timed whole. On CUDA the pieces are
 synchronised one by one, so the sum shows where GPU work and launches go, not the overlapped step time (that one is
 reported beside it, unsynchronised). Setting: benchmarks/train_speed.py's (resnet32x4 -> resnet8x4, FM-KT DIST,
-conv encoder, N = 8, batch 128, 1 x 28 x 28). Writes OUT/profile_step_<device>.json.
+conv encoder, N = 8, batch 128, 1 x 28 x 28), on the run ``engine.prepare`` builds (its loader, distiller,
+optimiser and schedule); the step itself is written out here, so that backward and the optimiser step can be timed
+apart. Writes OUT/profile_step_<device>.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.train_speed import setup  # noqa: E402
+from benchmarks._common import machine_slug, write_json  # noqa: E402
+from benchmarks.train_speed import SETTINGS, cycle, prepared  # noqa: E402
 from fmkt.flow.sampler import euler_step_reference  # noqa: E402
 from fmkt.runtime import environment  # noqa: E402
 from fmkt.step import autocast  # noqa: E402
@@ -62,9 +64,16 @@ def instrument(d, clock: Clock) -> None:
 
 
 def profile(device, batch: int, steps: int, small: bool) -> dict:
-    cfg, d, loader, opt, sched = setup("fmkt", batch, device, "torch", steps + 2, device.type == "cuda", small)
-    amp = device.type == "cuda"
-    batches = iter(loader)
+    st = SETTINGS["small" if small else "default"]
+    with prepared("fmkt", batch, device, "torch", steps + 2, device.type == "cuda", st) as run:
+        return profile_run(run, device, steps)
+
+
+def profile_run(run, device, steps: int) -> dict:
+    """The pieces of ``steps`` FM-KT iterations of ``run`` (engine.prepare's): the step written out eagerly here,
+    so backward and the optimiser step can be timed apart (half the steps plain, half instrumented)."""
+    d, opt, sched, amp = run.distiller, run.optimizer, run.scheduler, run.amp
+    batches = cycle(run.loader)  # the run holds a few distinct batches
 
     def run_step(clock=None):
         t0 = time.perf_counter()
@@ -124,8 +133,7 @@ def main(argv=None) -> int:
         print(f"  {k:45s} {v:9.2f} ms  {res['parts_percent'][k]:5.1f} %")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = "cpu" if device.type == "cpu" else env["machine"]["gpu"].lower().replace(" ", "-")
-    (out / f"profile_step_{slug}.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_json(out / f"profile_step_{machine_slug(device, env['machine'])}.json", res)
     return 0
 
 

@@ -12,8 +12,10 @@ as one CUDA graph: fmkt.capture); kernel torch and triton for the flow methods o
 ``--imagenet`` (issue 16): the paper's ImageNet pair, resnet34 -> resnet18 at 3 x 224 x 224 with 1000 classes,
 batch 256, methods none, kd and fmkt, no augmentation in the step (an image folder's workers deliver the batches
 ready: benchmarks/loader_speed.py measures them); writes train_speed_<device>_imagenet.json.
-Each row runs the engine's own pieces (BatchLoader, build_optimizer, train_step / CapturedStep): warm-up steps
-(the capture included), then timed steps, wall clock with the GPU synchronised (bench.timing, the one harness).
+Each row times ``fmkt.engine.prepare(cfg).step``, the step the engine itself chose (fmkt.capture.make_step: eager,
+or captured where the method and optimiser allow it) on the run's own loader, with the random images registered as
+a dataset (benchmarks/_common.synthetic_dataset): warm-up steps (the capture included), then timed steps, wall
+clock with the GPU synchronised (bench.timing, the one harness).
 FLOPs per step are counted once per method (torch.utils.flop_counter on an eager step: forward and backward), so
 TFLOP/s = FLOPs / step time, next to the GPU's dense bf16 peak. Prints a table, writes OUT/train_speed_<device>.json
 and .csv with the machine and versions (fmkt.runtime.environment).
@@ -21,28 +23,32 @@ and .csv with the machine and versions (fmkt.runtime.environment).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import find_row, machine_slug, synthetic_dataset, write_csv, write_json  # noqa: E402
 from fmkt.bench.timing import time_callable  # noqa: E402
 from fmkt.capture import CapturedStep, capture_refusal  # noqa: E402
 from fmkt.config import Config  # noqa: E402
-from fmkt.data import BatchLoader, ImageTensors, dataset_info  # noqa: E402
-from fmkt.distillers import METHODS, build_distiller  # noqa: E402
-from fmkt.kernels import install_step_kernel  # noqa: E402
-from fmkt.optim import build_optimizer, build_scheduler  # noqa: E402
+from fmkt.data import dataset_info  # noqa: E402
+from fmkt.data.folder import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from fmkt.data.tensors import DatasetInfo  # noqa: E402
+from fmkt.distillers import METHODS  # noqa: E402
+from fmkt.engine import prepare  # noqa: E402
+from fmkt.optim import graph_refusal  # noqa: E402
 from fmkt.runtime import environment  # noqa: E402
-from fmkt.step import train_step  # noqa: E402
 from fmkt.student import StudentSpec, build_student  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, NVIDIA's data sheets (SXM)
@@ -75,31 +81,49 @@ SETTINGS = {
     "imagenet": Setting("resnet34 -> resnet18, 3x224x224, 1000 classes", "resnet34", "resnet18", 3, 224, 1000,
                         False, (256,), ("none", "kd", "fmkt")),
 }
+CSV_FIELDS = ["method", "path", "kernel", "batch", "ms_per_step", "images_per_s", "tflops", "peak_bf16_tflops",
+              "captured", "note"]
 DATA_BATCHES = 4  # distinct batches held (cycled): ImageNet-shaped data for every timed step would be GBs
 
 
-def setup(method: str, batch: int, device, kernel: str, steps: int, data_on_device: bool, st: Setting):
-    cfg = Config()
+def data_info(st: Setting) -> DatasetInfo:
+    """The facts of the setting's images: Fashion-MNIST's (statistics, crop augmentation) at 1 x 28 x 28, else
+    ImageNet's statistics and no augmentation."""
+    if st.channels == 1:
+        return replace(dataset_info("fashion-mnist"), num_classes=st.classes, image_size=(st.size, st.size))
+    return DatasetInfo("imagenet-shaped", st.classes, st.channels, (st.size, st.size), IMAGENET_MEAN, IMAGENET_STD,
+                       0, False)
+
+
+def config(method: str, batch: int, device, kernel: str, steps: int, fast: bool, st: Setting, out: str) -> Config:
+    """The run a row times: the setting's models and random images in memory (``batch * min(steps, DATA_BATCHES)``
+    of them), the method with DIST and N = 8, SGD at lr 0.05 with the cosine schedule over one epoch; the fast path
+    on (data on the GPU, the step captured where the method allows it) or off."""
+    cfg = Config(student=st.student, out=out)
+    cfg.data.name = synthetic_dataset(data_info(st), batch * min(steps, DATA_BATCHES))
+    cfg.data.batch_size, cfg.data.augment = batch, st.augment
     cfg.method.name, cfg.method.loss, cfg.method.train_steps = method, "dist", "8"
-    cfg.optim.lr, cfg.train.epochs = 0.05, 1
-    info = dataset_info("fashion-mnist")
-    torch.manual_seed(0)
-    mean, std = (info.mean, info.std) if st.channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    common = dict(num_classes=st.classes, channels=st.channels, size=(st.size, st.size), mean=mean, std=std)
-    m = METHODS[method]
-    teacher = build_student(StudentSpec(arch=st.teacher, **common)).to(device).eval() if m.needs_teacher else None
-    student = build_student(StudentSpec(arch=st.student, encoder="conv" if m.flow else None, theta_head=m.theta,
-                                        default_steps=8, **common)).to(device)
-    install_step_kernel(student, kernel, device)
-    shape = (st.channels, st.size, st.size)
-    distiller = build_distiller(cfg.method, student, teacher, input_shape=shape).to(device).train()
-    gen = torch.Generator().manual_seed(0)
-    n = batch * min(steps, DATA_BATCHES)
-    data = ImageTensors(torch.rand(n, *shape, generator=gen), torch.randint(0, st.classes, (n,), generator=gen))
-    loader = BatchLoader(data.to(device) if data_on_device else data, batch, shuffle=True,
-                         augment_info=info if st.augment else None, seed=0, drop_last=True)
-    opt = build_optimizer(cfg, distiller.parameters(), capturable=data_on_device)  # the fast path captures
-    return cfg, distiller, loader, opt, build_scheduler(cfg, opt, len(loader))
+    cfg.optim.lr, cfg.train.epochs, cfg.train.seed = 0.05, 1, 0
+    cfg.train.device, cfg.train.kernel, cfg.train.fast_path = str(device), kernel, "on" if fast else "off"
+    return cfg
+
+
+@contextmanager
+def prepared(method: str, batch: int, device, kernel: str, steps: int, fast: bool, st: Setting):
+    """``engine.prepare``'s Run of a row (its loader, optimiser and step: the engine's own choice of the eager or
+    the captured step), in a temporary output folder."""
+    with tempfile.TemporaryDirectory(prefix="fmkt-train-speed-") as tmp:
+        cfg = config(method, batch, device, kernel, steps, fast, st, str(Path(tmp) / "run"))
+        info = data_info(st)
+        torch.manual_seed(0)
+        teacher = build_student(StudentSpec(arch=st.teacher, num_classes=st.classes, channels=st.channels,
+                                            size=(st.size, st.size), mean=info.mean, std=info.std)).eval() \
+            if METHODS[method].needs_teacher else None
+        run = prepare(cfg, teacher, None, False, Console(quiet=True), None)
+        try:
+            yield run
+        finally:
+            run.logger.close()
 
 
 def cycle(loader):
@@ -112,41 +136,40 @@ def cycle(loader):
 
 
 def row(method, path, kernel, batch, device, warmup, iters, st: Setting) -> dict:
-    cuda = device.type == "cuda"
+    """One table row: ``engine.prepare(cfg).step`` timed (fmkt.bench.timing) on the run's own loader."""
     fast = path == "fast"
-    cfg, d, loader, opt, sched = setup(method, batch, device, kernel, warmup + iters, fast, st)
-    amp = cuda
-    refusal = capture_refusal(cfg, device, 1, METHODS[method]) if fast else None
-    step = CapturedStep(d, opt, sched, amp) if fast and refusal is None else \
-        (lambda i, y, p: train_step(d, opt, sched, i, y, p, amp))
-    batches = cycle(loader)
+    with prepared(method, batch, device, kernel, warmup + iters, fast, st) as run:
+        step, batches = run.step, cycle(run.loader)
 
-    def one():
-        images, labels = next(batches)
-        losses = step(images.to(device, non_blocking=True), labels.to(device, non_blocking=True), 0.0)
-        # the harness reads every step's losses (a device sync: per-step timing); the engine reads them at ~2 Hz
-        return [float(v.detach()) for v in losses.values()]
+        def one():
+            images, labels = next(batches)
+            losses = step(images.to(device, non_blocking=True), labels.to(device, non_blocking=True), 0.0)
+            # the harness reads every step's losses (a device sync: per-step timing); the engine reads them at ~2 Hz
+            return [float(v.detach()) for v in losses.values()]
 
-    try:
-        times = time_callable(one, device, warmup=warmup, iters=iters)
-    except Exception as exc:  # a path that breaks here is a row with the reason, not a dead benchmark
-        return {"method": method, "path": path, "kernel": kernel, "batch": batch, "ms_per_step": None,
-                "images_per_s": None, "captured": False, "note": f"failed: {type(exc).__name__}: {exc}"[:300]}
-    ms = statistics.median(times)
-    failed = getattr(step, "failed", None)
+        try:
+            times = time_callable(one, device, warmup=warmup, iters=iters)
+        except Exception as exc:  # a path that breaks here is a row with the reason, not a dead benchmark
+            return {"method": method, "path": path, "kernel": kernel, "batch": batch, "ms_per_step": None,
+                    "images_per_s": None, "captured": False, "note": f"failed: {type(exc).__name__}: {exc}"[:300]}
+        ms = statistics.median(times)
+        failed = getattr(step, "failed", None)
+        captured = isinstance(step, CapturedStep) and not failed
+        refusal = (capture_refusal(run.cfg, device, 1, METHODS[method]) or graph_refusal(run.optimizer)) \
+            if fast and not isinstance(step, CapturedStep) else None
     note = refusal or (f"capture failed, eager: {failed}" if failed else None)
     return {"method": method, "path": path, "kernel": kernel, "batch": batch, "ms_per_step": round(ms, 3),
-            "images_per_s": round(1e3 * batch / ms, 1), "captured": fast and refusal is None and not failed,
-            **({"note": note} if note else {})}
+            "images_per_s": round(1e3 * batch / ms, 1), "captured": captured, **({"note": note} if note else {})}
 
 
 def flops_per_step(method: str, batch: int, device, st: Setting) -> float:
+    """FLOPs of one eager step of the method (forward and backward: torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg, d, loader, opt, sched = setup(method, batch, device, "torch", 1, False, st)
-    images, labels = next(iter(loader))
-    with FlopCounterMode(display=False) as counter:
-        train_step(d, opt, None, images.to(device), labels.to(device), 0.0, False)
+    with prepared(method, batch, device, "torch", 1, False, st) as run:
+        images, labels = next(iter(run.loader))
+        with FlopCounterMode(display=False) as counter:
+            run.step(images.to(device), labels.to(device), 0.0)
     return float(counter.get_total_flops())
 
 
@@ -164,8 +187,9 @@ def plan(device, quick: bool, st: Setting):
 def summarise(rows: list[dict]) -> dict:
     """Ratios the issue asks for, measured side by side in this run."""
     def ips(method, path, batch, kernel="torch"):
-        return next((r["images_per_s"] for r in rows if (r["method"], r["path"], r["batch"], r["kernel"]) ==
-                     (method, path, batch, kernel) and (path == "eager" or r["captured"])), None)
+        r = find_row(rows, method=method, path=path, batch=batch, kernel=kernel,
+                     **({"captured": True} if path == "fast" else {}))
+        return r["images_per_s"] if r else None
 
     out = {}
     for batch in sorted({r["batch"] for r in rows}):
@@ -203,7 +227,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = ("cpu" if device.type == "cpu" else gpu.lower().replace(" ", "-")) + ("_imagenet" if args.imagenet else "")
+    slug = machine_slug(device, env["machine"]) + ("_imagenet" if args.imagenet else "")
     for method, path, kernel, batch in plan(device, args.quick, st):
         r = row(method, path, kernel, batch, device, args.warmup, args.iters, st)
         r["peak_bf16_tflops"] = peak
@@ -227,12 +251,8 @@ def write(out: Path, slug: str, rows: list, env: dict, args, device, t0: float, 
                                                                    "fp32"),
               "warmup": args.warmup, "iters": args.iters, "seconds": round(time.perf_counter() - t0, 1),
               "rows": rows, "ratios": summarise(rows)}
-    (out / f"train_speed_{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
-    with open(out / f"train_speed_{slug}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "path", "kernel", "batch", "ms_per_step", "images_per_s",
-                                          "tflops", "peak_bf16_tflops", "captured", "note"])
-        w.writeheader()
-        w.writerows(rows)
+    write_json(out / f"train_speed_{slug}.json", result)
+    write_csv(out / f"train_speed_{slug}.csv", rows, CSV_FIELDS)
     return result
 
 

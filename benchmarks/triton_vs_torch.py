@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import sys
 from datetime import datetime, timezone
 from functools import partial
@@ -35,6 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import machine_slug, write_json  # noqa: E402
 
 
 def build(device, smoke: bool):
@@ -285,8 +286,7 @@ def main(argv=None) -> int:
           f"{sp['triton']['rounds_images_per_s']})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = "cpu" if device.type == "cpu" else result["device"].lower().replace(" ", "-")
-    (out / f"triton_vs_torch_{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / f"triton_vs_torch_{machine_slug(device, env['machine'])}.json", result)
     return 0 if ok else 1
 
 

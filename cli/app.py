@@ -1,10 +1,11 @@
 """`fmkt-cli`: thin typer commands: options -> config -> fmkt.commands / fmkt.export / fmkt.bench -> tables.
 
-torch is imported inside the commands, so --help stays fast; the lists of names (methods, losses, ...) live in
-their registries, which `fmkt-cli info --models` prints.
+torch is imported inside the commands, so --help stays fast; it names the methods, losses, encoders and schedules
+from fmkt.names (torch-free tuples of the registries' keys); `fmkt-cli info --models` prints every registry.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -12,6 +13,10 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from fmkt.bench.backends import BENCH_BACKENDS, backends_help
+from fmkt.export.formats import EXPORT_FORMATS, PRECISIONS
+from fmkt.names import DETECTION_METHOD_NAMES, ENCODER_NAMES, LOSS_NAMES, METHOD_NAMES, SCHEDULE_NAMES, TASK_NAMES
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="FM-KT knowledge distillation: train, distill, evaluate, inspect.")
@@ -46,25 +51,21 @@ def _run(fn, debug: bool):
         _fail(exc, debug)
 
 
-def _shortcuts(**values) -> dict:
-    """CLI options -> nested config overrides, keeping only options the user gave."""
-    out: dict = {}
-    for dotted, value in values.items():
-        if value is None:
-            continue
-        node = out
-        parts = dotted.split("__")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
+def _command(name: str | None = None):
+    """``app.command`` whose body runs under ``_run`` (its ``debug`` option says whether errors keep tracebacks)."""
+    def register(fn):
+        @functools.wraps(fn)  # typer reads fn's signature, options and docstring through the wrapper
+        def command(**options):
+            return _run(lambda: fn(**options), options["debug"])
+        return app.command(name)(command)
+    return register
 
 
-def _build(config, sets, **shortcuts):
+def _build(config, sets, **options):
     from fmkt.commands import configure
-    from fmkt.config import parse_set
+    from fmkt.config import cli_overrides
 
-    return configure(config, [_shortcuts(**shortcuts), parse_set(sets)])
+    return configure(config, cli_overrides(sets, **options))
 
 
 def _result_table(result, title: str) -> Table:
@@ -88,20 +89,15 @@ def _report(result, title: str) -> None:
                           highlight=False, soft_wrap=True)
     if result.rank != 0:
         return
-    out_console.print(_result_table(result, title))
+    out_console.print(result.table(title) if hasattr(result, "table") else _result_table(result, title))
     out_console.print(f"artifact: {result.artifact}  ({result.seconds:.0f} s)")
 
 
-def _teacher_arch(arch: str | None, model: str | None) -> str | None:
-    """--teacher-arch and --teacher-model both set teacher.arch; two different values are refused."""
-    if arch and model and arch != model:
-        from fmkt.errors import FmktError
-
-        raise FmktError(f"--teacher-arch {arch!r} and --teacher-model {model!r} disagree; give one of them.")
-    return model or arch
+def _names(names) -> str:
+    return " | ".join(names)
 
 
-@app.command()
+@_command()
 def train(
     model: str = typer.Option(None, "--model", help="Architecture to train (see `fmkt-cli info --models`), "
                                                     "timm:NAME, or an import path pkg.module:factory."),
@@ -120,19 +116,15 @@ def train(
     debug: bool = DebugOpt,
 ):
     """Plain supervised training (a teacher, or a student alone); writes OUT/artifact."""
+    from fmkt.commands import run_train
 
-    def go():
-        from fmkt.commands import run_train
-
-        cfg = _build(config, sets, student=model, data__name=data, data__dir=data_dir, train__epochs=epochs,
-                     data__batch_size=batch_size, optim__lr=lr, train__seed=seed, train__kernel=kernel, out=out)
-        result = run_train(cfg, resume=resume, console=err_console)
-        _report(result, f"{cfg.student} on {cfg.data.name}, {result.epochs} epochs")
-
-    _run(go, debug)
+    cfg = _build(config, sets, student=model, data__name=data, data__dir=data_dir, train__epochs=epochs, out=out,
+                 data__batch_size=batch_size, optim__lr=lr, train__seed=seed, train__kernel=kernel, method__name="none")
+    result = run_train(cfg, resume=resume, console=err_console)
+    _report(result, f"{cfg.student} on {cfg.data.name}, {result.epochs} epochs")
 
 
-@app.command()
+@_command()
 def distill(
     teacher: str = typer.Option(None, "--teacher", help="Teacher: an fmkt artifact folder or a .pt/.pth/.safetensors "
                                                         "state dict. Default: train one (cached)."),
@@ -146,11 +138,14 @@ def distill(
     data: str = typer.Option(None, "--data", help="A dataset (default digits; `fmkt-cli info --models` lists them), "
                                                   "or pkg.module:factory returning (train, test) datasets."),
     data_dir: str = typer.Option(None, "--data-dir"),
-    method: str = typer.Option(None, "--method", help="Method (default fmkt); `fmkt-cli info --models` lists the "
-                                                      "registered methods, losses, encoders and schedules."),
-    loss: str = typer.Option(None, "--loss", help="Metric loss D of the FM-KT methods (default dist)."),
-    encoder: str = typer.Option(None, "--encoder", help="Meta-encoder (default conv)."),
-    schedule: str = typer.Option(None, "--schedule", help="Interpolation schedule (default rectified)."),
+    task: str = typer.Option(None, "--task", help=f"{_names(TASK_NAMES)} (default classification)."),
+    method: str = typer.Option(None, "--method", help=f"Method: {_names(METHOD_NAMES)} (default fmkt; detection: "
+                                                      f"{_names(DETECTION_METHOD_NAMES)})."),
+    loss: str = typer.Option(None, "--loss", help=f"Metric loss D of the FM-KT methods: {_names(LOSS_NAMES)} "
+                                                  "(default dist)."),
+    encoder: str = typer.Option(None, "--encoder", help=f"Meta-encoder: {_names(ENCODER_NAMES)} (default conv)."),
+    schedule: str = typer.Option(None, "--schedule", help=f"Interpolation schedule: {_names(SCHEDULE_NAMES)} "
+                                                          "(default rectified)."),
     train_steps: str = typer.Option(None, "--train-steps", help="N, or a list drawn per iteration: 1,2,4,8,16"),
     eval_steps: str = typer.Option(None, "--eval-steps", help="K values to evaluate, e.g. 1,2,4,8 (0 = theta)."),
     dirac_ratio: float = typer.Option(None, "--dirac-ratio", help="Fraction of pairs keeping their own teacher target."),
@@ -166,25 +161,20 @@ def distill(
     debug: bool = DebugOpt,
 ):
     """Distill a student from a teacher with FM-KT (or a baseline). With no options: the built-in digits demo."""
+    from fmkt.commands import describe, run_distill
+    from fmkt.config import parse_int_list, teacher_arch_option
 
-    def go():
-        from fmkt.commands import describe, run_distill
-        from fmkt.config import parse_int_list
-
-        steps = parse_int_list(eval_steps, "--eval-steps") if eval_steps is not None else None
-        cfg = _build(config, sets, teacher__path=teacher, teacher__arch=_teacher_arch(teacher_arch, teacher_model),
-                     student=student,
-                     data__name=data, data__dir=data_dir, method__name=method, method__loss=loss,
-                     method__encoder=encoder, method__schedule=schedule, method__train_steps=train_steps,
-                     method__eval_steps=steps, method__dirac_ratio=dirac_ratio, train__epochs=epochs,
-                     data__batch_size=batch_size, optim__lr=lr, train__seed=seed, train__kernel=kernel, out=out)
-        result = run_distill(cfg, resume=resume, console=err_console)
-        _report(result, describe(cfg, result.epochs))
-
-    _run(go, debug)
+    steps = parse_int_list(eval_steps, "--eval-steps") if eval_steps is not None else None
+    cfg = _build(config, sets, teacher__path=teacher, teacher__arch=teacher_arch_option(teacher_arch, teacher_model),
+                 student=student, data__name=data, data__dir=data_dir, method__name=method, method__loss=loss,
+                 method__encoder=encoder, method__schedule=schedule, method__train_steps=train_steps,
+                 method__eval_steps=steps, method__dirac_ratio=dirac_ratio, train__epochs=epochs,
+                 data__batch_size=batch_size, optim__lr=lr, train__seed=seed, train__kernel=kernel, out=out, task=task)
+    result = run_distill(cfg, resume=resume, console=err_console)
+    _report(result, describe(cfg, result.epochs))
 
 
-@app.command("eval")
+@_command("eval")
 def eval_cmd(
     artifact: str = typer.Argument(..., help="Artifact folder (OUT/artifact)."),
     data: str = typer.Option(None, "--data", help="Dataset (default: the artifact's own)."),
@@ -197,149 +187,158 @@ def eval_cmd(
     debug: bool = DebugOpt,
 ):
     """Top-1 accuracy of an artifact at each K on a dataset's test split."""
+    from fmkt.config import parse_int_list
+    from fmkt.evaluation import step_label
+    from fmkt.commands import run_eval
 
-    def go():
-        from fmkt.config import parse_int_list
-        from fmkt.evaluation import step_label
-        from fmkt.commands import run_eval
+    asked = parse_int_list(steps, "--steps") if steps is not None else [0, 1, 2, 4, 8]
+    res = run_eval(artifact, data, data_dir, asked, batch_size, device)
+    if steps is None:  # the default list: quietly what the artifact can run
+        res["skipped"] = {}
+    if as_json:
+        out_console.print_json(json.dumps({k: v for k, v in res.items() if k != "meta"}))
+        return
+    if "map" in res:  # a detection artifact: COCO mAP per K on its val split
+        from fmkt.detection.report import eval_table
 
-        asked = parse_int_list(steps, "--steps") if steps is not None else [0, 1, 2, 4, 8]
-        res = run_eval(artifact, data, data_dir, asked, batch_size, device)
-        if steps is None:  # the default list: quietly what the artifact can run
-            res["skipped"] = {}
-        if as_json:
-            out_console.print_json(json.dumps({k: v for k, v in res.items() if k != "meta"}))
-            return
-        table = Table(title=f"{Path(artifact)} on {res['dataset']} ({res['images']} test images, "
-                            f"{res['precision']})")
-        table.add_column("K")
-        table.add_column("top-1 (%)", justify="right")
-        for k, v in res["top1"].items():
-            table.add_row(step_label(k), f"{v:.2f}")
-        out_console.print(table)
-        for k, why in res["skipped"].items():
-            out_console.print(f"note: {step_label(k)} was not evaluated: {why}.", highlight=False)
-
-    _run(go, debug)
+        return out_console.print(eval_table(res))
+    table = Table(title=f"{Path(artifact)} on {res['dataset']} ({res['images']} test images, {res['precision']})")
+    table.add_column("K")
+    table.add_column("top-1 (%)", justify="right")
+    for k, v in res["top1"].items():
+        table.add_row(step_label(k), f"{v:.2f}")
+    out_console.print(table)
+    for k, why in res["skipped"].items():
+        out_console.print(f"note: {step_label(k)} was not evaluated: {why}.", highlight=False)
 
 
-@app.command()
+@_command()
 def info(
     models: bool = typer.Option(False, "--models", help="Also list models, datasets, losses, encoders, schedules."),
     debug: bool = DebugOpt,
 ):
     """Versions of torch, triton, onnx, onnxruntime (providers), tensorrt, and the devices."""
+    from fmkt.runtime import environment, environment_rows
 
-    def go():
-        from fmkt.runtime import environment, environment_rows
-
-        table = Table(title="fmkt environment")
-        table.add_column("component")
-        table.add_column("version / state")
-        for k, v in environment_rows(environment()).items():
-            table.add_row(k, ", ".join(v) if isinstance(v, list) else str(v))
-        out_console.print(table)
-        if models:
-            from fmkt.config import recipe_names
-            from fmkt.data import list_datasets
-            from fmkt.distillers import METHODS
-            from fmkt.flow.encoders import ENCODERS
-            from fmkt.flow.schedules import SCHEDULES
-            from fmkt.losses import METRIC_LOSSES
-            from fmkt.models import list_models
-
-            for name, items in [("models", list_models()), ("datasets", list_datasets()), ("methods", list(METHODS)),
-                                ("losses", list(METRIC_LOSSES)), ("encoders", list(ENCODERS)),
-                                ("schedules", list(SCHEDULES)), ("recipes", recipe_names())]:
-                out_console.print(f"[bold]{name}[/]: {', '.join(items)}")
-            from fmkt.models.timm_backbone import timm_models_line
-
-            out_console.print(f"[bold]timm models[/]: {timm_models_line()}")
-
-    _run(go, debug)
+    table = Table(title="fmkt environment")
+    table.add_column("component")
+    table.add_column("version / state")
+    for k, v in environment_rows(environment()).items():
+        table.add_row(k, ", ".join(v) if isinstance(v, list) else str(v))
+    out_console.print(table)
+    if models:
+        _registries()
 
 
-@app.command("export")
+def _registries() -> None:
+    """`info --models`: every registry's names, read from the registries themselves."""
+    from fmkt.config import recipe_names
+    from fmkt.data import list_datasets
+    from fmkt.distillers import METHODS
+    from fmkt.flow.encoders import ENCODERS
+    from fmkt.flow.schedules import SCHEDULES
+    from fmkt.losses import METRIC_LOSSES
+    from fmkt.models import list_models
+    from fmkt.models.timm_backbone import timm_models_line
+
+    for name, items in [("models", list_models()), ("datasets", list_datasets()), ("methods", list(METHODS)),
+                        ("losses", list(METRIC_LOSSES)), ("encoders", list(ENCODERS)),
+                        ("schedules", list(SCHEDULES)), ("recipes", recipe_names()),
+                        ("export formats", list(EXPORT_FORMATS)), ("bench backends", list(BENCH_BACKENDS))]:
+        out_console.print(f"[bold]{name}[/]: {', '.join(items)}")
+    out_console.print(f"[bold]timm models[/]: {timm_models_line()}")
+
+
+@_command("make-detection-data")
+def make_detection_data(
+    out: str = typer.Argument(..., help="Folder to write: OUT/{train,val}/*.png + OUT/annotations/instances_*.json."),
+    train: int = typer.Option(500, "--train", help="Training canvases."),
+    val: int = typer.Option(100, "--val", help="Validation canvases."),
+    canvas: int = typer.Option(128, "--canvas", help="Canvas side in pixels."),
+    source: str = typer.Option("fashion-mnist", "--source", help="Items pasted: fashion-mnist | mnist (IDX files)."),
+    data_dir: str = typer.Option(None, "--data-dir", help="The IDX folder (default: the dataset's)."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same files (byte for byte)."),
+    overwrite: bool = typer.Option(False, "--force", help="Replace an existing OUT."),
+    debug: bool = DebugOpt,
+):
+    """A COCO-format detection dataset from real images: 28x28 items pasted at random scales and places on larger
+    canvases, with their tight boxes and classes."""
+    from fmkt.detection.canvas import make_detection_data as make
+
+    s = make(out, source=source, train=train, val=val, canvas=canvas, seed=seed, data_dir=data_dir,
+             overwrite=overwrite)
+    for split, facts in s["splits"].items():
+        out_console.print(f"{split}: {facts['images']} images, {facts['objects']} objects", highlight=False)
+    out_console.print(f"wrote {s['root']} ({s['seconds']:.1f} s)", highlight=False)
+
+
+@_command("export")
 def export_cmd(
     artifact: str = typer.Argument(..., help="Artifact folder (OUT/artifact)."),
-    steps: int = typer.Option(..., "--steps", help="K flow steps to unroll; 0 = the FM-KT^Theta head (or a plain "
-                                                   "student)."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx | trt | aoti"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 (float32 input and output kept)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="K flow steps to unroll; 0 = the FM-KT^Theta head "
+                                        "(or a plain student). Required, except for a detection artifact (its K)."),
+    fmt: str = typer.Option("onnx", "--format", help=" | ".join(EXPORT_FORMATS)),
+    precision: str = typer.Option("fp32", "--precision",
+                                  help=f"{' | '.join(PRECISIONS)} (float32 input and output kept)."),
     batch: str = typer.Option("1:32:128", "--batch", help="Batch range MIN:OPT:MAX (TensorRT profile, AOTI bounds)."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 17)."),
     out: Optional[str] = typer.Option(None, "--out", help="Output folder (default ARTIFACT/../export-FORMAT-kK)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
-    device: str = typer.Option("auto", "--device", help="aoti: compile for auto | cpu | cuda."),
+    device: str = typer.Option("auto", "--device", help=", ".join(n for n, f in EXPORT_FORMATS.items() if f.on_device)
+                               + ": compile for auto | cpu | cuda."),
     debug: bool = DebugOpt,
 ):
     """Export the student with K steps as one static graph (ONNX, TensorRT engine or AOTInductor) + parity report."""
+    from fmkt.export import ParityError, run_export
 
-    def go():
-        from fmkt.export import ParityError, run_export
-
-        result = run_export(artifact, steps, fmt, precision=precision, batch=batch, opset=opset, out=out,
-                            force=force, device=device)
-        for report in result.reports:
-            out_console.print(report.table())
-        out_console.print(f"wrote {result.out}: {', '.join(sorted(set(result.files.values())))}")
-        try:
-            result.raise_for_status()
-        except ParityError as exc:
-            err_console.print(f"[bold red]parity failed:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
-
-    _run(go, debug)
+    result = run_export(artifact, steps, fmt, precision=precision, batch=batch, opset=opset, out=out, force=force,
+                        device=device)
+    for report in result.reports:
+        out_console.print(report.table())
+    out_console.print(f"wrote {result.out}: {', '.join(sorted(set(result.files.values())))}")
+    try:
+        result.raise_for_status()
+    except ParityError as exc:
+        err_console.print(f"[bold red]parity failed:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
-@app.command()
+@_command()
 def bench(
     source: str = typer.Argument(..., help="Artifact folder (OUT/artifact) or export folder (export-*)."),
-    backends: Optional[str] = typer.Option(None, "--backends", help="Comma list of eager, compile, cudagraph, "
-                                           "onnxruntime, trt, aoti. Default: eager,onnxruntime on CPU; "
-                                           "eager,cudagraph,onnxruntime,trt on CUDA."),
+    backends: Optional[str] = typer.Option(None, "--backends", help=backends_help()),
     batch: str = typer.Option("1,64", "--batch", help="Batch sizes, e.g. 1,64."),
     steps: Optional[str] = typer.Option(None, "--steps", help="K values, e.g. 0,1,2,4,8 (default: those the model "
                                         "can run; 0 = theta head). The student alone is always timed too."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 and/or fp16, e.g. fp32,fp16."),
+    precision: str = typer.Option("fp32", "--precision",
+                                  help=f"{' and/or '.join(PRECISIONS)}, e.g. {','.join(PRECISIONS)}."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     warmup: int = typer.Option(10, "--warmup", help="Untimed calls before each measurement."),
     iters: int = typer.Option(100, "--iters", help="Timed calls per measurement."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Detection: time this teacher too (artifact/file)."),
     out: Optional[str] = typer.Option(None, "--out", help="JSON file; the CSV and PNG go next to it "
                                       "(default ARTIFACT/../bench/bench-DEVICE.json)."),
     debug: bool = DebugOpt,
 ):
     """Latency per K, backend and precision (p50/p90/p99, img/s, x the student alone) + JSON, CSV, PNG."""
+    from fmkt.bench import BenchSettings, result_table, run_bench, skipped_lines
+    from fmkt.config import parse_int_list, parse_words
 
-    def go():
-        from fmkt.bench import BenchSettings, result_table, run_bench, skipped_lines
-        from fmkt.config import parse_int_list
-
-        def words(text, key):
-            items = [w for w in str(text).replace(" ", "").split(",") if w]
-            if not items:
-                from fmkt.errors import FmktError
-
-                raise FmktError(f"{key} is empty; give a comma-separated list.")
-            return items
-
-        settings = BenchSettings(
-            backends=words(backends, "--backends") if backends is not None else None,
-            batches=parse_int_list(batch, "--batch", minimum=1),
-            steps=parse_int_list(steps, "--steps") if steps is not None else None,
-            precisions=words(precision, "--precision"), device=device, warmup=warmup, iters=iters, out=out)
-        result = run_bench(source, settings, console=err_console)
-        out_console.print(result_table(result))
-        for line in skipped_lines(result.rows):
-            out_console.print(f"[yellow]{line}[/]", highlight=False)
-        for note in result.info["notes"]:
-            out_console.print(f"note: {note}", highlight=False)
-        if not result.info["plot"]["written"]:
-            out_console.print(f"note: {result.info['plot']['reason']}", highlight=False)
-        out_console.print(f"wrote {', '.join(result.files.values())} ({result.seconds:.0f} s; estimated "
-                          f"{result.estimate_s:.0f} s)", highlight=False)
-
-    _run(go, debug)
+    settings = BenchSettings(
+        backends=parse_words(backends, "--backends") if backends is not None else None,
+        batches=parse_int_list(batch, "--batch", minimum=1), teacher=teacher,
+        steps=parse_int_list(steps, "--steps") if steps is not None else None,
+        precisions=parse_words(precision, "--precision"), device=device, warmup=warmup, iters=iters, out=out)
+    result = run_bench(source, settings, console=err_console)
+    out_console.print(result_table(result))
+    for line in skipped_lines(result.rows):
+        out_console.print(f"[yellow]{line}[/]", highlight=False)
+    for note in result.info["notes"]:
+        out_console.print(f"note: {note}", highlight=False)
+    if not result.info["plot"]["written"]:
+        out_console.print(f"note: {result.info['plot']['reason']}", highlight=False)
+    out_console.print(f"wrote {', '.join(result.files.values())} ({result.seconds:.0f} s; estimated "
+                      f"{result.estimate_s:.0f} s)", highlight=False)
 
 
 def main() -> None:

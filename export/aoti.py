@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fmkt.errors import FmktError
 from fmkt.runtime import strict_fp32
 
 # torch releases whose AOTInductor CUDA packages crash the loading process: on an H100 (CUDA 13.0) torch 2.11.0
@@ -174,6 +175,24 @@ def _cause(proc) -> str:
     errors = [ln for ln in lines if "Error" in ln.split(":")[0] and "Warning" not in ln]
     found = (fatal or errors)[-1:] if (fatal or errors) else []
     return f" ({found[0][:200]})" if found else ""
+
+
+def write_export(job) -> list:
+    """The aoti format (formats.EXPORT_FORMATS): model.pt2 compiled for ``job.device`` and its parity, all in a child
+    process, whose logits are replayed here. A child that crashes is one sentence (FmktError), nothing written."""
+    sizes = sorted(set(min(b, len(job.images)) for b in job.batches))
+    try:
+        outputs = run_in_child("validate", artifact=job.artifact, graph=str(job.steps), package=job.tmp / "model.pt2",
+                               batch=job.bounds, precision=job.precision, device=job.device,
+                               shape=tuple(job.images.shape[1:]), images=job.images, batches=sizes)
+    except ChildCrashed as exc:
+        raise FmktError(f"{exc}; nothing was written: torch {torch.__version__} cannot compile or run this AOTI "
+                        f"package on {job.device.type} here, so use --format onnx or trt (or --device cpu for AOTI)."
+                        ) from None
+    job.meta["aoti"] = {"torch": torch.__version__, "device": str(job.device), "tf32": job.precision != "fp32",
+                        "compiled_in": "a child process (a crash there cannot take this process down)"}
+    job.files["aoti"] = "model.pt2"
+    return [job.parity(lambda x: outputs[len(x)], f"AOTInductor ({job.device.type})")]
 
 
 if __name__ == "__main__":

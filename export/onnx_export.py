@@ -53,6 +53,12 @@ def export_onnx(module: nn.Module, example: torch.Tensor, opset: int = DEFAULT_O
     return onnx.load_from_string(buf.getvalue())
 
 
+def onnx_graph(module: nn.Module, example: torch.Tensor, precision: str = "fp32", opset: int = DEFAULT_OPSET):
+    """The one ONNX export sequence (``fmkt-cli export`` and bench): export, cleanup, then FP16 when asked."""
+    graph = cleanup(export_onnx(module, example, opset))
+    return to_fp16(graph) if precision == "fp16" else graph
+
+
 def cleanup(model):
     """Constant folding and redundant-node removal by onnxruntime's basic (standard-ONNX-only) optimizer.
 
@@ -187,13 +193,21 @@ def read_metadata(model) -> dict:
     return json.loads(props["fmkt_export"]) if "fmkt_export" in props else {}
 
 
+def all_graphs(graph) -> list:
+    """``graph`` and the subgraphs inside it (If branches, Loop and Scan bodies), depth first."""
+    subs = [a.g for n in graph.node for a in n.attribute if a.HasField("g")]
+    subs += [g for n in graph.node for a in n.attribute for g in a.graphs]
+    return [graph] + [s for sub in subs for s in all_graphs(sub)]
+
+
 def graph_summary(model) -> dict:
-    """Node count, op histogram, opset and whether any control flow (Loop, If, Scan) is left."""
+    """Node count, op histogram (subgraphs included), opset and whether any control flow (Loop, If, Scan) is left."""
     ops: dict[str, int] = {}
-    for node in model.graph.node:
+    nodes = [n for g in all_graphs(model.graph) for n in g.node]
+    for node in nodes:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    return {"nodes": len(model.graph.node), "ops": dict(sorted(ops.items())), "opset": opset,
+    return {"nodes": len(nodes), "ops": dict(sorted(ops.items())), "opset": opset,
             "control_flow": sorted(op for op in ops if op in ("Loop", "If", "Scan"))}
 
 
@@ -212,6 +226,12 @@ def trt_readiness(model) -> list[str]:
     range, inputs the matrix requires constant are constant, and every tensor's shape is known with only dim 0
     (the batch) dynamic.
     """
+    return op_problems(model) + static_shape_problems(model)
+
+
+def op_problems(model, allow_control_flow: bool = False) -> list[str]:
+    """:func:`trt_readiness` without the static-shape check: ops (subgraphs included), domains, opset, control flow
+    (unless allowed: TensorRT's parser reads If; a detection graph's NMS sits in one) and constant inputs."""
     problems = []
     summary = graph_summary(model)
     lo, hi = TRT_OPSET_MIN, max(TRT_OPSET_MAX.values())
@@ -219,20 +239,21 @@ def trt_readiness(model) -> list[str]:
         problems.append(f"opset {summary['opset']} is outside TensorRT's range {lo}-{hi}")
     if summary["opset"] > TRT_OPSET_MAX["8.5"]:
         problems.append(f"opset {summary['opset']} needs TensorRT 10 or newer (8.5 reads up to 17)")
-    for node in model.graph.node:
+    graphs = all_graphs(model.graph)
+    nodes = [n for g in graphs for n in g.node]
+    for node in nodes:
         if node.domain not in ("", "ai.onnx"):
             problems.append(f"node {node.name} uses the custom domain {node.domain!r}")
         elif op_since(node.op_type) is None:
             problems.append(f"op {node.op_type} (node {node.name}) is not in TensorRT's supported ONNX operators")
-    if summary["control_flow"]:
+    if summary["control_flow"] and not allow_control_flow:
         problems.append(f"control flow left in the graph: {', '.join(summary['control_flow'])}")
-    constants = {i.name for i in model.graph.initializer}
-    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    for node in model.graph.node:
+    constants = {i.name for g in graphs for i in g.initializer}
+    constants |= {o for n in nodes if n.op_type == "Constant" for o in n.output}
+    for node in nodes:
         for pos in CONSTANT_INPUTS.get(node.op_type, ()):
             if pos < len(node.input) and node.input[pos] and node.input[pos] not in constants:
                 problems.append(f"input {pos} of {node.op_type} node {node.name} must be a constant for TensorRT")
-    problems += static_shape_problems(model)
     return problems
 
 
@@ -311,3 +332,18 @@ def ort_session(model_bytes: bytes, precision: str = "fp32"):
 def ort_run(session, images: torch.Tensor) -> torch.Tensor:
     (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: images.detach().cpu().float().numpy()})
     return torch.from_numpy(out)
+
+
+def write_export(job) -> list:
+    """The onnx format (formats.EXPORT_FORMATS): model.onnx (checked, FP16 if asked, its summary, TensorRT readiness
+    and the export metadata inside) and its parity in ONNX Runtime."""
+    example = job.images[:2] if len(job.images) >= 2 else job.images.repeat(2, 1, 1, 1)  # trace with B >= 2
+    graph = onnx_graph(job.module, example, job.precision, job.opset)
+    job.meta["graph_summary"] = graph_summary(graph)
+    job.meta["tensorrt_readiness"] = readiness_report(graph)
+    set_metadata(graph, job.meta)
+    data = graph.SerializeToString()
+    (job.tmp / "model.onnx").write_bytes(data)
+    job.files["onnx"] = "model.onnx"
+    session = ort_session(data, job.precision)
+    return [job.parity(lambda x: ort_run(session, x), f"onnxruntime {session.get_providers()[0]}")]

@@ -1,7 +1,8 @@
 """Parity report: does the exported graph compute what PyTorch computes?
 
-On a real batch from the artifact's dataset (test split; a seeded random batch in [0, 1] when the data cannot be
-loaded), compare the exported graph's logits with the PyTorch DeployableModel's (fp32, CPU): max abs diff and
+On a real batch from the data the artifact records (its test split, an image folder's val files, at the artifact's
+input size; a seeded random batch in [0, 1] when the data cannot be read here, the report's ``data`` saying which),
+compare the exported graph's logits with the PyTorch DeployableModel's (fp32, CPU): max abs diff and
 top-1 agreement, at the profile's smallest batch and at the parity batch. Gates: fp32 max abs diff <= 1e-4 and
 100 % top-1 agreement; fp16 <= 1e-2 and >= 99 %.
 """
@@ -23,28 +24,36 @@ class ParityError(FmktError):
 
 
 def parity_images(meta: dict, count: int, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """(count, C, H, W) raw images in [0, 1]: the first ``count`` test images of the artifact's dataset, or a seeded
-    random batch when the dataset cannot be loaded or does not fit the artifact's input. Returns (images, source)."""
+    """(count, C, H, W) raw images in [0, 1] and a sentence naming them: the first ``count`` images of the test split
+    of the data the artifact records (fmkt.json's ``dataset``: its name and, for an image folder, its folder), as
+    evaluation sees them at the artifact's input size (:func:`fmkt.data.recorded_splits`, the split's
+    ``sample_inputs``); a seeded random batch when that data cannot be read here or does not fit the artifact's
+    input."""
     spec = meta["model"]["input"]
     shape = (spec["channels"], *spec["size"])
-    name = (meta.get("dataset") or {}).get("name")
+    recorded = meta.get("dataset") or {}
+    name = recorded.get("name")
     if name:
         try:
-            from fmkt.data import load_dataset
+            from fmkt.data import dataset_info, recorded_splits
 
-            _, test, _ = load_dataset(name)
-            resized = ""
-            if tuple(test.images.shape[1:]) != shape and shape[1] == shape[2] and test.images.shape[1] == shape[0]:
-                # a square input other than the dataset's own size: trained with data.image_size, the same resize
-                _, test, _ = load_dataset(name, image_size=shape[1])
-                resized = f", resized to {shape[1]}x{shape[2]} as data.image_size does"
-            if tuple(test.images.shape[1:]) == shape and len(test) > 0:
-                n = min(count, len(test))
-                return test.images[:n].contiguous(), f"{name} test split, first {n} images{resized}"
+            _, test, _ = recorded_splits(name, None, shape[1:], recorded)
+            images = test.sample_inputs(count)
+            if tuple(images.shape[1:]) == shape and len(images) > 0:
+                return images, _described(name, recorded.get("dir"), len(images), shape,
+                                          dataset_info(name, recorded.get("dir")).image_size)
         except FmktError:
             pass
     gen = torch.Generator().manual_seed(seed)
     return torch.rand((count, *shape), generator=gen), f"seeded random batch (seed {seed}, uniform [0, 1])"
+
+
+def _described(name: str, folder: str | None, n: int, shape: tuple, native) -> str:
+    """The parity inputs' source: the dataset, its folder when the artifact records one, and the size it was read at
+    when that is not the dataset's own (``data.image_size``)."""
+    where = f" of {folder}" if folder else ""
+    resized = "" if tuple(native) == tuple(shape[1:]) else f", resized to {shape[1]}x{shape[2]} as data.image_size does"
+    return f"{name} test split{where}, first {n} images{resized}"
 
 
 @dataclass

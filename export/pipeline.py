@@ -1,7 +1,8 @@
-"""``fmkt-cli export``: artifact -> static graph (onnx | trt | aoti) + export.json + parity.json, atomically.
+"""``fmkt-cli export``: artifact -> static graph (a format of ``formats.EXPORT_FORMATS``) + export.json +
+parity.json, atomically.
 
 Output folder (default ``<artifact>/../export-<format>-k<K>[-fp16]``):
-- onnx: ``model.onnx``; trt: ``model.onnx`` + ``model.plan`` + ``timing.cache``; aoti: ``model.pt2``;
+- the format's files (``EXPORT_FORMATS[fmt].files``, written by its ``write_export(job)``);
 - always ``export.json`` (the metadata, also inside the ONNX's ``metadata_props``) and ``parity.json``.
 The folder is built under a temporary name and renamed into place; an existing one needs ``force``.
 """
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,11 +21,10 @@ from fmkt.artifact import load_artifact
 from fmkt.runtime import resolve_device
 from fmkt.errors import FmktError
 from fmkt.files import atomic_dir
+from fmkt.export.formats import EXPORT_FORMATS, PRECISIONS
 from fmkt.export.graph import check_steps, static_module
 from fmkt.export.parity import ParityError, check_parity, parity_images
 
-FORMATS = ("onnx", "trt", "aoti")
-PRECISIONS = ("fp32", "fp16")
 DEFAULT_BATCH = "1:32:128"
 PARITY_BATCH = 64  # images in the parity batch (capped by the profile's max batch)
 NORMALISATION = "folded into the graph: pass raw images in [0, 1], (x - mean) / std runs inside"
@@ -48,6 +49,26 @@ class ExportResult:
                 raise ParityError(f"{report.breach()}; the files were kept in {self.out} for inspection.")
         if self.engine_error is not None:
             raise self.engine_error
+
+
+@dataclass
+class ExportJob:
+    """What a format's ``write_export`` gets: the folder being written and what goes into it."""
+    artifact: str | Path
+    tmp: Path  # the folder being written (renamed to ``out`` at the end)
+    out: Path  # where it will be (a TensorRT timing cache from an earlier export there is reused)
+    module: torch.nn.Module  # the static graph with K fixed
+    steps: int
+    images: torch.Tensor  # the parity batch (raw images in [0, 1])
+    batches: list  # the batch sizes parity checks
+    bounds: tuple  # (min, opt, max) batch
+    precision: str
+    opset: int | None  # None unless the format takes --opset
+    device: torch.device  # --device for a format compiled on_device, else the CPU
+    meta: dict  # export.json (its ONNX metadata too), filled in as the format writes
+    parity: Callable  # parity(runner, target) -> ParityReport against parity.GATES[precision]
+    files: dict = field(default_factory=dict)  # export.json "files": key -> file name in the folder
+    engine_error: FmktError | None = None  # a second stage that could not run here (trt without TensorRT)
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
@@ -101,47 +122,28 @@ def export_metadata(meta: dict, model, steps: int, fmt: str, precision: str, bat
     }
 
 
-def compile_aoti(artifact, steps: int, package: Path, batch: tuple, precision: str, device: torch.device,
-                 images: torch.Tensor, batches: list[int]):
-    """Compile the K-step graph into ``package`` and run it on the parity batches, all in a child process;
-    returns a runner replaying the child's logits. A child that crashes is one sentence (FmktError)."""
-    from fmkt.export.aoti import ChildCrashed, run_in_child
-
-    sizes = sorted(set(min(b, len(images)) for b in batches))
-    try:
-        outputs = run_in_child("validate", artifact=artifact, graph=str(steps), package=package, batch=batch,
-                               precision=precision, device=device, shape=tuple(images.shape[1:]), images=images,
-                               batches=sizes)
-    except ChildCrashed as exc:
-        raise FmktError(f"{exc}; nothing was written: torch {torch.__version__} cannot compile or run this AOTI "
-                        f"package on {device.type} here, so use --format onnx or trt (or --device cpu for AOTI)."
-                        ) from None
-    return lambda x: outputs[len(x)]
-
-
 def _check_request(fmt: str, precision: str, steps, batch, opset, device: str):
     """The options, checked before anything is loaded: ((min, opt, max) batch, opset, device)."""
     from fmkt.export import onnx_export as ox
 
-    if fmt not in FORMATS:
-        raise FmktError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    entry = EXPORT_FORMATS.get(fmt)
+    if entry is None:
+        raise FmktError(f"unknown format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
     if precision not in PRECISIONS:
-        raise FmktError(f"unknown precision {precision!r}; choose fp32 or fp16.")
+        raise FmktError(f"unknown precision {precision!r}; choose {' or '.join(PRECISIONS)}.")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise FmktError(f"--steps must be an integer >= 0, got {steps!r}.")
     bounds = parse_batch(batch) if isinstance(batch, str) else parse_batch(":".join(map(str, batch)))
-    if fmt == "aoti" and opset is not None:
-        raise FmktError("--opset only applies to the onnx and trt formats.")
-    opset = ox.DEFAULT_OPSET if opset is None and fmt != "aoti" else opset
-    dev = resolve_device(device) if fmt == "aoti" else torch.device("cpu")
-    if fmt == "aoti":
-        from fmkt.export.aoti import cuda_refusal
-
-        refusal = cuda_refusal(dev)
-        if refusal:
-            raise FmktError(f"{refusal}.")
-    else:
-        ox.require("onnx"), ox.require("onnxruntime")
+    if not entry.opset and opset is not None:
+        takes = " and ".join(name for name, f in EXPORT_FORMATS.items() if f.opset)
+        raise FmktError(f"--opset only applies to the {takes} formats.")
+    opset = ox.DEFAULT_OPSET if opset is None and entry.opset else opset
+    dev = resolve_device(device) if entry.on_device else torch.device("cpu")
+    refusal = entry.refused(dev)
+    if refusal:
+        raise FmktError(f"{refusal}.")
+    for module in entry.needs:
+        ox.require(module)
     return bounds, opset, dev
 
 
@@ -154,78 +156,64 @@ def _output_folder(out, artifact, fmt: str, steps: int, precision: str, force: b
     return out
 
 
-def _write_onnx(tmp: Path, module, example, opset: int, precision: str, export_meta: dict):
-    """model.onnx (checked, FP16 if asked, metadata inside); returns (runner, target) for the parity check."""
-    from fmkt.export import onnx_export as ox
-
-    graph = ox.cleanup(ox.export_onnx(module, example, opset))
-    if precision == "fp16":
-        graph = ox.to_fp16(graph)
-    export_meta["graph_summary"] = ox.graph_summary(graph)
-    export_meta["tensorrt_readiness"] = ox.readiness_report(graph)
-    ox.set_metadata(graph, export_meta)
-    (tmp / "model.onnx").write_bytes(graph.SerializeToString())
-    session = ox.ort_session(graph.SerializeToString(), precision)
-    return (lambda x: ox.ort_run(session, x)), f"onnxruntime {session.get_providers()[0]}"
-
-
-def _write_engine(tmp: Path, out: Path, images, bounds: tuple, precision: str, export_meta: dict, parity) -> tuple:
-    """model.plan + timing.cache from model.onnx and the engine's parity report; (report, None), or (None, the
-    reason) when TensorRT or a GPU is missing (the ONNX is kept)."""
-    from fmkt.export.tensorrt_engine import EngineRunner, TensorRTUnavailable, build_engine, load_tensorrt
-
-    try:
-        load_tensorrt(out / "model.onnx")  # one sentence and exit 2 when TensorRT or a GPU is missing
-        export_meta["tensorrt"] = build_engine(tmp / "model.onnx", tmp / "model.plan", tmp / "timing.cache",
-                                               tuple(images.shape[1:]), bounds, precision,
-                                               reuse_cache=out / "timing.cache")
-    except TensorRTUnavailable as exc:
-        export_meta["tensorrt"] = {"built": False, "reason": str(exc)}
-        return None, exc
-    return parity(EngineRunner(tmp / "model.plan"), f"TensorRT {export_meta['tensorrt']['tensorrt']}"), None
-
-
-def run_export(artifact: str | Path, steps: int, fmt: str = "onnx", *, precision: str = "fp32",
+def run_export(artifact: str | Path, steps: int | None, fmt: str = "onnx", *, precision: str = "fp32",
                batch: str | tuple = DEFAULT_BATCH, opset: int | None = None, out: str | Path | None = None,
                force: bool = False, device: str = "auto") -> ExportResult:
     """Export ``artifact`` with K = ``steps`` to ``fmt``; write the folder; return the files and the parity report.
 
-    Raises FmktError for user errors before anything is written. A parity breach or a missing TensorRT does not
-    raise here (the files are written first): call ``result.raise_for_status()``.
+    A detection artifact (``fmkt.detection.artifact``) goes through its format's detection writer
+    (``export/detection.py``; ``steps`` None: the artifact's default K). Raises FmktError for user errors before
+    anything is written. A parity breach or a missing TensorRT does not raise here (the files are written first):
+    call ``result.raise_for_status()``.
     """
-    bounds, opset, dev = _check_request(fmt, precision, steps, batch, opset, device)
+    from fmkt.detection.artifact import is_detector_artifact
+
+    bounds, opset, dev = _check_request(fmt, precision, 0 if steps is None else steps, batch, opset, device)
+    if is_detector_artifact(artifact):
+        from fmkt.artifact import read_meta
+        from fmkt.export import detection
+
+        detection.check_request(fmt, precision, bounds, parse_batch(DEFAULT_BATCH))
+        steps = detection.resolve_steps(read_meta(artifact), steps)
+        out = _output_folder(out, artifact, fmt, steps, precision, force)
+        parts = detection.prepare(artifact, steps, fmt, opset)
+    else:
+        if steps is None:
+            raise FmktError("--steps is required for a classification artifact: the K flow steps to unroll (0: the "
+                            "FM-KT^Theta head or a plain student).")
+        out, parts = _classification(artifact, steps, fmt, precision, bounds, out, force, opset)
+    return _write_folder(artifact, out, force, steps, precision, opset, dev, parts)
+
+
+def _classification(artifact, steps: int, fmt: str, precision: str, bounds: tuple, out, force: bool, opset) -> tuple:
+    """(the output folder, what ``_write_folder`` writes) for a classification artifact."""
     model, meta = load_artifact(artifact)
     check_steps(model, steps, meta.get("method"))
     out = _output_folder(out, artifact, fmt, steps, precision, force)
     module = static_module(model, steps, meta.get("method"))
-    export_meta = export_metadata(meta, model, steps, fmt, precision, bounds, opset if fmt != "aoti" else None)
+    export_meta = export_metadata(meta, model, steps, fmt, precision, bounds, opset)
     export_meta["source"]["artifact"] = str(Path(artifact).resolve())
     images, data = parity_images(meta, min(PARITY_BATCH, bounds[2]))
     reference = lambda x: model(x, steps=steps if model.is_flow else None)  # noqa: E731
     batches = [bounds[0], len(images)]
     parity = lambda runner, target: check_parity(reference, runner, images, batches, precision, target, data)  # noqa: E731
-    files, engine_error = {}, None
+    return out, dict(module=module, meta=export_meta, images=images, batches=batches, bounds=bounds, parity=parity,
+                     write=EXPORT_FORMATS[fmt].writer())
+
+
+def _write_folder(artifact, out: Path, force: bool, steps: int, precision: str, opset, dev,
+                  parts: dict) -> ExportResult:
+    """The format's files, export.json and parity.json, written atomically into ``out``."""
+    export_meta = parts["meta"]
     with atomic_dir(out, overwrite=force) as tmp:
-        if fmt in ("onnx", "trt"):
-            example = images[:2] if len(images) >= 2 else images.repeat(2, 1, 1, 1)  # trace with B >= 2
-            reports = [parity(*_write_onnx(tmp, module, example, opset, precision, export_meta))]
-            files["onnx"] = "model.onnx"
-        else:
-            runner = compile_aoti(artifact, steps, tmp / "model.pt2", bounds, precision, dev, images, batches)
-            export_meta["aoti"] = {"torch": torch.__version__, "device": str(dev), "tf32": precision != "fp32",
-                                   "compiled_in": "a child process (a crash there cannot take this process down)"}
-            files["aoti"] = "model.pt2"
-            reports = [parity(runner, f"AOTInductor ({dev.type})")]
-        if fmt == "trt" and reports[0].passed:
-            report, engine_error = _write_engine(tmp, out, images, bounds, precision, export_meta, parity)
-            if report is not None:
-                files.update(engine="model.plan", timing_cache="timing.cache")
-                reports.append(report)
+        job = ExportJob(artifact, tmp, out, parts["module"], steps, parts["images"], parts["batches"],
+                        parts["bounds"], precision, opset, dev, export_meta, parts["parity"])
+        reports = parts["write"](job)
         passed = all(r.passed for r in reports)
         export_meta["parity"] = {"passed": passed, "file": "parity.json", "targets": [r.target for r in reports]}
-        export_meta["files"] = {**files, "metadata": "export.json", "parity": "parity.json"}
+        export_meta["files"] = {**job.files, "metadata": "export.json", "parity": "parity.json"}
         (tmp / "export.json").write_text(json.dumps(export_meta, indent=2) + "\n")
         parity_json = {"passed": passed, "reports": [r.to_dict() for r in reports]}
         (tmp / "parity.json").write_text(json.dumps(parity_json, indent=2) + "\n")
     return ExportResult(out=out, files=export_meta["files"], meta=export_meta, reports=reports,
-                        engine_error=engine_error)
+                        engine_error=job.engine_error)

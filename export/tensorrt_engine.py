@@ -146,3 +146,25 @@ class EngineRunner:
             raise RuntimeError("TensorRT failed to run the engine.")
         stream.synchronize()
         return out.float().cpu()
+
+
+def write_export(job) -> list:
+    """The trt format (formats.EXPORT_FORMATS): the onnx format's files and parity, then, when that passed,
+    model.plan + timing.cache built from model.onnx (an earlier export's cache reused) and the engine's parity.
+    Without TensorRT or a GPU the ONNX is kept and ``job.engine_error`` says why."""
+    from fmkt.export.onnx_export import write_export as write_onnx
+
+    reports = write_onnx(job)
+    if not reports[0].passed:
+        return reports
+    try:
+        load_tensorrt(job.out / "model.onnx")  # one sentence and exit 2 when TensorRT or a GPU is missing
+        job.meta["tensorrt"] = build_engine(job.tmp / "model.onnx", job.tmp / "model.plan", job.tmp / "timing.cache",
+                                            tuple(job.images.shape[1:]), job.bounds, job.precision,
+                                            reuse_cache=job.out / "timing.cache")
+    except TensorRTUnavailable as exc:
+        job.meta["tensorrt"] = {"built": False, "reason": str(exc)}
+        job.engine_error = exc
+        return reports
+    job.files.update(engine="model.plan", timing_cache="timing.cache")
+    return reports + [job.parity(EngineRunner(job.tmp / "model.plan"), f"TensorRT {job.meta['tensorrt']['tensorrt']}")]

@@ -13,30 +13,35 @@
 
 The student becomes the one deployable module (``fm.model``, a DeployableModel) through a ModuleAdapter
 (``fmkt.wrap_student``; see fmkt/models/adapter.py for how the feature map and the head are found). The distiller is
-the CLI's own (``build_distiller``): the same method, losses and sampler.
+the CLI's own (``build_distiller``): the same method, losses and sampler; ``fit`` runs the engine's epoch loop
+(fmkt.loop) and step (fmkt.step, fmkt.capture). This module imports neither the engine (rich, checkpoints, logs)
+nor fmkt.commands (the CLI's composition root sits above the library, not under it).
 """
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from fmkt.artifact import run_record, save_artifact
-from fmkt.commands import check_method_names
+from fmkt.capture import MODES as FAST_PATH_MODES
+from fmkt.capture import fast_path_plan, make_step
 from fmkt.config import Config, OptimConfig, apply_overrides, validate_method
-from fmkt.distillers import METHODS, build_distiller
+from fmkt.distillers import METHODS, build_distiller, check_method_names, check_name
 from fmkt.errors import FmktError
 from fmkt.evaluation import count_correct, eval_keys
 from fmkt.import_paths import import_path_of, well_formed
+from fmkt.loop import run_epoch
 from fmkt.meter import epoch_record
 from fmkt.models import list_models
 from fmkt.models.adapter import ModuleAdapter, is_zoo_backbone
 from fmkt.models.timm_backbone import TimmBackbone
-from fmkt.optim import build_optimizer, build_scheduler, epoch_lr
+from fmkt.optim import build_optimizer, build_scheduler, epoch_lr, scheduled_lr
 from fmkt.runtime import FP32
-from fmkt.step import NonFiniteLoss, nonfinite_loss, train_step
 from fmkt.student import DeployableModel, StudentSpec, build_student, spec_of
 from fmkt.teacher import teacher_sha256
 
@@ -118,28 +123,27 @@ class FMKT(nn.Module):
         else:
             backbone = wrap_student(student, normed, feature_layer=feature_layer, classifier=classifier,
                                     check_head=flow)
-        spec = self._spec(self.arch, backbone, mean, std, arch_kwargs=dict(arch_kwargs or {}),
-                          encoder=encoder if flow else None, encoder_params=cfg.encoder_params, schedule=schedule,
-                          transfer=transfer if flow else "logits", theta_head=METHODS[method].theta,
-                          default_steps=cfg.train_step_choices()[-1])
-        self.model = build_student(spec, backbone=backbone)
+        facts = self._facts(self.arch, backbone, mean, std, arch_kwargs=dict(arch_kwargs or {}))
+        self.model = build_student(StudentSpec.for_method(cfg, METHODS[method], **facts), backbone=backbone)
         teacher_model, self.teacher_info = None, None
         if METHODS[method].needs_teacher:
             teacher_model = self._teacher(teacher, normed, mean, std, teacher_feature_layer, method)
         self.distiller = build_distiller(cfg, self.model, teacher_model, input_shape=self.input_shape)
         self.metrics: dict = {}
 
-    def _spec(self, arch: str, backbone: nn.Module, mean, std, **fields) -> StudentSpec:
+    def _facts(self, arch: str, backbone: nn.Module, mean, std, **fields) -> dict:
+        """A spec's architecture, classes and input (the method's fields come from StudentSpec.for_method)."""
         classes = getattr(backbone, "num_classes", None) or backbone.get_classifier().out_features
-        return StudentSpec(arch=arch, num_classes=classes, channels=self.input_shape[0], size=self.input_shape[1:],
-                           mean=tuple(mean), std=tuple(std), **fields)
+        return dict(arch=arch, num_classes=classes, channels=self.input_shape[0], size=self.input_shape[1:],
+                    mean=tuple(mean), std=tuple(std), **fields)
 
     def _teacher(self, teacher, normed, mean, std, feature_layer, method) -> DeployableModel:
         """The frozen teacher as a plain deployable model, and fmkt.json's record of it."""
         if teacher is None:
             raise FmktError(f"method {method!r} needs a teacher; pass teacher=your_model (or method='ofmkt').")
         wrapped = wrap_student(teacher, normed, feature_layer=feature_layer, check_head=False)
-        model = build_student(self._spec(import_path_of(type(teacher)), wrapped, mean, std), backbone=wrapped)
+        model = build_student(StudentSpec(**self._facts(import_path_of(type(teacher)), wrapped, mean, std)),
+                              backbone=wrapped)
         if model.num_classes != self.model.num_classes:
             raise FmktError(f"the teacher gives {model.num_classes} logits but the student "
                             f"{self.model.num_classes}; both must predict the same classes.")
@@ -164,30 +168,25 @@ class FMKT(nn.Module):
         return (p for p in super().parameters(recurse) if p.requires_grad)
 
     def fit(self, loader, epochs: int = 10, *, lr: float = 0.05, optimizer: str = "sgd", weight_decay: float = 5e-4,
-            test_loader=None, eval_steps=None, log=print) -> list[dict]:
-        """fmkt's training recipe on your DataLoader: SGD (Nesterov 0.9) or AdamW, cosine LR per step, the engine's
-        own ``train_step``; evaluates on ``test_loader`` after each epoch when given. Returns one record per epoch
-        (metrics.jsonl's keys; ``top1`` as :meth:`evaluate` returns it)."""
-        cfg = Config(optim=OptimConfig(name=optimizer, lr=lr, weight_decay=weight_decay))
+            test_loader=None, eval_steps=None, log=print, amp: bool = False, fast_path: str = "off") -> list[dict]:
+        """fmkt's training recipe on your DataLoader: SGD (Nesterov 0.9) or AdamW, cosine LR per step, and the
+        engine's epoch loop (fmkt.loop: its step, its reads of the losses, its NaN/Inf sentence); evaluates on
+        ``test_loader`` after each epoch when given. ``amp``: bf16 autocast on CUDA (the CLI's ``train.amp``);
+        ``fast_path`` ``auto``/``on``: the step captured as one CUDA graph where the method allows it (the CLI's
+        ``train.fast_path``; it needs batches of one shape, a DataLoader with ``drop_last=True``). Both are off by
+        default: eager fp32 steps. Returns one record per epoch (metrics.jsonl's keys; ``top1`` as :meth:`evaluate`
+        returns it)."""
+        cfg = Config(method=self.method, optim=OptimConfig(name=optimizer, lr=lr, weight_decay=weight_decay))
         cfg.train.epochs = epochs
-        opt = build_optimizer(cfg, self.parameters())
         iters = max(len(loader), 1)
-        sched = build_scheduler(cfg, opt, iters)
+        step = self._step(cfg, iters, amp, fast_path, getattr(loader, "drop_last", False), log)
         history = []
         for epoch in range(epochs):
             self.train()
-            sums, seen, t0 = {}, 0, time.perf_counter()
-            for step, (images, labels, *_) in enumerate(loader):
-                images, labels = images.to(self.device), labels.to(self.device)
-                try:
-                    losses = train_step(self.distiller, opt, sched, images, labels, epoch + step / iters)
-                except NonFiniteLoss as exc:
-                    raise nonfinite_loss(exc.value, epoch, step, updated=bool(epoch or step)) from None
-                self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
-                for k, v in self.last_losses.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(labels)
-                seen += len(labels)
-            record = epoch_record(epoch, epoch_lr(cfg, epoch, iters), sums, seen, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            meter = run_epoch(step, loader, epoch, iters, self.device, lambda s: scheduled_lr(cfg, s, iters),
+                              on_read=lambda records: setattr(self, "last_losses", records[-1].losses))
+            record = epoch_record(epoch, epoch_lr(cfg, epoch, iters), meter.sums, meter.seen, time.perf_counter() - t0)
             if test_loader is not None:
                 record["top1"] = self.evaluate(test_loader, eval_steps)
             history.append(record)
@@ -195,6 +194,21 @@ class FMKT(nn.Module):
                 log(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}"
                     + (f"  top-1 {record['top1']}" if "top1" in record else ""))
         return history
+
+    def _step(self, cfg: Config, iters: int, amp: bool, fast_path: str, same_shapes: bool, log):
+        """fit's step and its optimiser: fmkt.capture.make_step's, as the engine decides it (one process)."""
+        check_name(fast_path, FAST_PATH_MODES, "fast_path")
+        plan = fast_path_plan(fast_path, cfg, self.device, 1, METHODS[self.method.name])
+        if plan.capture and not same_shapes:
+            plan = replace(plan, capture=False, line="fast path: eager training step (a captured step needs batches "
+                                                     "of one shape: a DataLoader with drop_last=True)")
+        say = SimpleNamespace(print=lambda line, **_: log(line) if log else None)
+        if fast_path != "off" and self.device.type == "cuda":
+            say.print(plan.line)
+        opt = build_optimizer(cfg, self.named_parameters(), device_lr=plan.capture or None, capturable=plan.capture)
+        run = SimpleNamespace(cfg=cfg, model=self.distiller, optimizer=opt, scheduler=build_scheduler(cfg, opt, iters),
+                              amp=amp and self.device.type == "cuda", console=say)
+        return make_step(run, plan)
 
     # -- evaluation and saving -----------------------------------------------------------------------------
     @property

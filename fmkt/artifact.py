@@ -17,29 +17,13 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from fmkt import __version__
-from fmkt.errors import FmktError
+from fmkt.errors import FmktError, first_line
 from fmkt.files import atomic_dir, sha256_file
-from fmkt.models.adapter import ModuleAdapter
 from fmkt.student import DeployableModel, StudentSpec, build_student
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "fmkt.json"
-
-
-def model_spec(model: DeployableModel, arch: str, in_channels: int, input_size, encoder_name: str | None,
-               encoder_params: dict | None = None, arch_kwargs: dict | None = None) -> dict:
-    """fmkt.json's ``"model"`` for a DeployableModel constructed by hand (not by ``build_student``, whose models
-    describe themselves: ``spec_of(model).to_json()``); the facts a model cannot know (its architecture name and
-    input size) are given here."""
-    mean, std = model.normalize.mean.flatten().tolist(), model.normalize.std.flatten().tolist()
-    spec = StudentSpec(arch=arch, num_classes=model.num_classes, channels=in_channels, size=tuple(input_size),
-                       mean=tuple(mean), std=tuple(std), arch_kwargs=dict(arch_kwargs or {}),
-                       encoder=encoder_name if model.is_flow else None, encoder_params=dict(encoder_params or {}),
-                       schedule=model.schedule_name, transfer=model.transfer, theta_head=model.theta_head is not None,
-                       default_steps=model.default_steps, num_features=model.num_features)
-    spec.adapter = model.backbone.options if isinstance(model.backbone, ModuleAdapter) else None
-    return spec.to_json()
 
 
 def build_model(spec: dict, default_steps: int = 1) -> DeployableModel:
@@ -108,26 +92,36 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_artifact(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[DeployableModel, dict]:
-    """Rebuild the model from ``fmkt.json``, verify the weights' sha256, load them (strict)."""
-    path = Path(path)
-    meta = read_meta(path)
-    weights = path / WEIGHTS
+def read_weights(path: str | Path, meta: dict, map_location: str | torch.device = "cpu") -> dict:
+    """The artifact's state dict, after checking its sha256 against ``meta`` (one sentence when it differs)."""
+    weights = Path(path) / WEIGHTS
     if not weights.is_file():
         raise FmktError(f"artifact {path} has no {WEIGHTS}.")
     expected = meta.get("weights_sha256")
     if expected and sha256_file(weights) != expected:
         raise FmktError(f"{weights} does not match the sha256 recorded in {META}; the file was changed or damaged.")
     try:
-        state = load_file(str(weights), device=str(map_location))
+        return load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError) as exc:
         raise FmktError(f"cannot read {weights} ({exc}).") from None
+
+
+def load_artifact(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[DeployableModel, dict]:
+    """Rebuild the model from ``fmkt.json``, verify the weights' sha256, load them (strict)."""
+    path = Path(path)
+    meta = read_meta(path)
+    if isinstance(meta["model"], dict) and meta["model"].get("task", "classification") != "classification":
+        raise FmktError(f"{path} is a {meta['model']['task']} artifact; load it with "
+                        "fmkt.detection.artifact.load_detector_artifact.")
+    state = read_weights(path, meta, map_location)
+    weights = path / WEIGHTS
     # artifacts written before fmkt.json recorded default_steps: the last training N, as the engine set it
     model = build_model(meta["model"], default_steps=(meta.get("train_steps") or [1])[-1])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise FmktError(f"{weights} does not fit the architecture in {META} ({str(exc).splitlines()[0]}).") from None
+        raise FmktError(f"{weights} does not fit the architecture in {META} "
+                        f"({first_line(exc, None, with_type=False)}).") from None
     return model.eval(), meta
 
 

@@ -76,25 +76,27 @@ def fast_path_plan(mode: str, cfg, device: torch.device, world: int, method) -> 
 def make_step(run, plan: FastPath):
     """The run's step, ``(images, labels, progress) -> losses``: the captured step where ``plan`` and the built
     optimiser allow it, else the eager one. The one place that decides."""
-    eager = EagerStep(run.model, run.optimizer, run.scheduler, run.amp)
+    clip = run.cfg.optim.clip_grad
+    eager = EagerStep(run.model, run.optimizer, run.scheduler, run.amp, clip)
     if not plan.capture:
         return eager
     refusal = graph_refusal(run.optimizer)
     if refusal is not None:
         run.console.print(f"fast path: eager training step ({refusal})", highlight=False)
         return eager
-    return CapturedStep(run.model, run.optimizer, run.scheduler, run.amp, start=plan.steady_from,
+    return CapturedStep(run.model, run.optimizer, run.scheduler, run.amp, clip, start=plan.steady_from,
                         say=lambda line: run.console.print(line, highlight=False))
 
 
 class EagerStep:
-    """The eager step (fmkt.step.train_step) with the run's model, optimiser, scheduler and precision."""
+    """The eager step (fmkt.step.train_step) with the run's model, optimiser, scheduler, precision and gradient
+    clipping (optim.clip_grad, 0: none)."""
 
-    def __init__(self, model, optimizer, scheduler, amp: bool):
-        self.model, self.optimizer, self.scheduler, self.amp = model, optimizer, scheduler, amp
+    def __init__(self, model, optimizer, scheduler, amp: bool, clip: float = 0.0):
+        self.model, self.optimizer, self.scheduler, self.amp, self.clip = model, optimizer, scheduler, amp, clip
 
     def __call__(self, images, labels, progress: float = 0.0) -> dict:
-        return train_step(self.model, self.optimizer, self.scheduler, images, labels, progress, self.amp)
+        return train_step(self.model, self.optimizer, self.scheduler, images, labels, progress, self.amp, self.clip)
 
 
 class CudaGraphs:
@@ -128,8 +130,9 @@ class CapturedStep(EagerStep):
     static output tensors: read them before the next call). ``start``: the fractional epoch from which the step is
     captured (eager before); ``say``: where the one line goes if the capture fails (then every step is eager)."""
 
-    def __init__(self, model, optimizer, scheduler, amp: bool, *, start: float = 0.0, say=print, graphs=None):
-        super().__init__(model, optimizer, scheduler, amp)
+    def __init__(self, model, optimizer, scheduler, amp: bool, clip: float = 0.0, *, start: float = 0.0, say=print,
+                 graphs=None):
+        super().__init__(model, optimizer, scheduler, amp, clip)
         self.start, self.say, self.graphs = start, say, graphs or CudaGraphs()
         self.graph = None
         self.warm = 0  # eager steps taken since ``start`` (WARMUP of them before the capture)
@@ -172,7 +175,7 @@ class CapturedStep(EagerStep):
 
     def _body(self, progress: float) -> None:
         self.static_losses = forward_backward(self.model, self.static_images, self.static_labels, progress,
-                                              self._flag_nonfinite, self.amp, cache_enabled=False)
+                                              self._flag_nonfinite, self.amp, cache_enabled=False, clip=self.clip)
         self.optimizer.step()
 
     def _flag_nonfinite(self, loss: torch.Tensor) -> None:

@@ -16,58 +16,26 @@ from rich.console import Console
 
 from fmkt.artifact import is_artifact, load_artifact
 from fmkt.capture import MODES as FAST_PATH_MODES
-from fmkt.checkpoint import CHECKPOINT
-from fmkt.config import Config, DataConfig, MethodConfig
+from fmkt.checkpoint import check_start
+from fmkt.config import Config, DataConfig
 from fmkt.models.timm_backbone import TIMM_OPTIONS, check_timm_name, is_timm
-from fmkt.data import data_options, dataset_info, is_folder, load_dataset
+from fmkt.data import data_options, dataset_info, recorded_splits
 from fmkt.data.deit_aug import check_augmentation
-from fmkt.distillers import METHODS, check_method
+from fmkt.detection.artifact import is_detector_artifact
+from fmkt.distillers import METHODS, check_method_names, check_name as _check_name
 from fmkt.engine import FitResult, evaluation_split, fit, load_data, student_spec
 from fmkt.errors import FmktError
 from fmkt.evaluation import eval_keys, evaluate, evaluated_images
-from fmkt.files import check_output_dir
 from fmkt.import_paths import is_import_path, resolve
 from fmkt.logs import LOGGERS, check_logger
+from fmkt.names import TASK_NAMES
 from fmkt.optim import LR_SCHEDULES, OPTIMIZERS
 from fmkt.runtime import FP32, distributed, env_rank, resolve_device
-from fmkt.student import TRANSFERS, build_student
+from fmkt.student import build_student
 from fmkt.teacher import load_teacher
 
 
 # --------------------------------------------------------------------------------------------- checks
-def _check_name(value, allowed, key: str) -> None:
-    if value not in allowed:
-        raise FmktError(f"unknown {key.split('.')[-1]} {value!r} ({key}); choose one of {', '.join(allowed)}.")
-
-
-def check_method_names(m: MethodConfig) -> None:
-    """The method section's names against their registries (the Python API checks its MethodConfig here too)."""
-    from fmkt.flow.encoders import ENCODERS
-    from fmkt.flow.schedules import SCHEDULES
-    from fmkt.losses import LOGIT_LOSSES, LOSSES, build_metric_loss
-
-    method = check_method(m.name)
-    _check_name(m.encoder, ENCODERS, "method.encoder")
-    _check_name(m.schedule, SCHEDULES, "method.schedule")
-    _check_name(m.loss, LOSSES, "method.loss")
-    _check_name(m.transfer, TRANSFERS, "method.transfer")
-    if m.transfer == "features" and not method.features:
-        allowed = ", ".join(n for n, x in METHODS.items() if x.features)
-        raise FmktError(f"method.transfer=features works with method {allowed} only (method {m.name!r} distills "
-                        "logits: theta's head and OFM-KT's ensemble target are logits); use method.transfer=logits "
-                        "or --method fmkt.")
-    loss = method.options.get("loss_name", m.loss if method.flow else None)  # the D the method builds, if any
-    if m.logit_standardization and (m.transfer == "features" or (loss and loss not in LOGIT_LOSSES)):
-        what = "method.transfer=features" if m.transfer == "features" else f"method.loss={loss}"
-        raise FmktError(f"method.logit_standardization works with the softmax logit losses ({', '.join(LOGIT_LOSSES)}) "
-                        f"only, not with {what}; turn it off or choose one of them (with method.transfer=logits).")
-    if loss:  # the parameters of the D the method builds, up front (before any teacher is trained)
-        if "standardize" in m.loss_params:
-            raise FmktError("method.loss_params.standardize is not a loss parameter; logit standardization is "
-                            "method.logit_standardization: true.")
-        build_metric_loss(loss, standardize=m.logit_standardization, **m.loss_params)
-
-
 def check_models(cfg: Config) -> None:
     """Student and teacher architectures (zoo names, timm:NAME, import paths) and their option keys."""
     from fmkt.models import list_models
@@ -92,10 +60,17 @@ def check_models(cfg: Config) -> None:
 
 def check_config(cfg: Config) -> Config:
     """Every name and cross-stage fact, up front: methods, losses, encoders, schedules, optimisers and kernels
-    against their registries, models and datasets, and an import-path model's dry run. Returns ``cfg``."""
+    against their registries, models and datasets, and an import-path model's dry run. Returns ``cfg``, stamped
+    with what it found (:func:`checked_info` reads it, so a config is checked once)."""
     from fmkt.kernels import KERNEL_MODES
     from fmkt.models.adapter import create_backbone
 
+    _check_name(cfg.task, TASK_NAMES, "task")
+    if cfg.task == "detection":  # its own checks, stamped with where its data is (fmkt.detection.checks)
+        from fmkt.detection.checks import check_detection
+
+        cfg._checked = (_fingerprint(cfg), check_detection(cfg))
+        return cfg
     check_method_names(cfg.method)
     _check_name(cfg.optim.name, OPTIMIZERS, "optim.name")
     _check_name(cfg.optim.scheduler, LR_SCHEDULES, "optim.scheduler")
@@ -112,7 +87,21 @@ def check_config(cfg: Config) -> Config:
             create_backbone(arch, num_classes=data.num_classes, in_channels=data.in_channels,
                             input_size=data.image_size, options=options, check_head=False,
                             **{k: v for k, v in kwargs.items() if k != "pretrained"})
+    cfg._checked = (_fingerprint(cfg), data)
     return cfg
+
+
+def checked_info(cfg: Config):
+    """The DatasetInfo :func:`check_config` found for ``cfg``; the check runs first unless this very config was
+    checked and is unchanged since (the CLI's ``configure`` checks it, ``run_distill`` then does not again)."""
+    stamp = getattr(cfg, "_checked", None)
+    if stamp is None or stamp[0] != _fingerprint(cfg):
+        check_config(cfg)
+    return cfg._checked[1]
+
+
+def _fingerprint(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
 
 
 def configure(config_file: str | None, overrides: list[dict]) -> Config:
@@ -124,6 +113,10 @@ def configure(config_file: str | None, overrides: list[dict]) -> Config:
 
 def describe(cfg: Config, epochs: int) -> str:
     """The title of a run's result table."""
+    if cfg.task == "detection":
+        from fmkt.detection.checks import describe as detection_title
+
+        return detection_title(cfg, epochs)
     what = f"{cfg.student} on {cfg.data.name}, {epochs} epochs"
     if METHODS[cfg.method.name].flow:
         m = cfg.method
@@ -159,22 +152,26 @@ def teacher_config(cfg: Config) -> Config:
 _LATER_DATA_KEYS = {"holdout": None, "image_size": DataConfig.image_size, "mean": [], "std": [],
                     "decode": DataConfig.decode, "augment_policy": None, "reprob": 0.0, "repeated_aug": 0,
                     "mixup": 0.0, "cutmix": 0.0}
+# the same for the optim keys added later (DeiT's solver)
+_LATER_OPTIM_KEYS = {"warmup_start": 0.0, "min_lr": 0.0, "no_decay": False, "clip_grad": 0.0}
 
 
 def teacher_cache_key(t: Config) -> str:
     data = {k: v for k, v in t.data.__dict__.items()
             if k != "workers" and not (k in _LATER_DATA_KEYS and v == _LATER_DATA_KEYS[k])}
-    relevant = {"student": t.student, "data": data, "optim": t.optim.__dict__,
+    optim = {k: v for k, v in t.optim.__dict__.items() if not (k in _LATER_OPTIM_KEYS and v == _LATER_OPTIM_KEYS[k])}
+    relevant = {"student": t.student, "data": data, "optim": optim,
                 **({"student_options": t.student_options} if t.student_options else {}),
                 **({"student_kwargs": t.student_kwargs} if t.student_kwargs else {}),
                 "epochs": t.train.epochs, "seed": t.train.seed}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def obtain_teacher(cfg: Config, console: Console):
-    """Load cfg.teacher.path, or train the default teacher once and reuse it from the cache."""
-    data = dataset_info(cfg.data.name, cfg.data.dir, **data_options(cfg.data))
-    device = resolve_device(cfg.train.device)
+def obtain_teacher(cfg: Config, console: Console, *, info=None, device=None, splits=None):
+    """Load cfg.teacher.path, or train the default teacher once and reuse it from the cache. ``info``, ``device``
+    and ``splits`` (``load_data(cfg)``'s): what the caller found already (else found here)."""
+    data = dataset_info(cfg.data.name, cfg.data.dir, **data_options(cfg.data)) if info is None else info
+    device = resolve_device(cfg.train.device) if device is None else device
     common = dict(num_classes=data.num_classes, in_channels=data.in_channels, mean=data.mean, std=data.std,
                   device=device, input_size=data.image_size)
     if cfg.teacher.path:
@@ -188,15 +185,16 @@ def obtain_teacher(cfg: Config, console: Console):
     else:
         console.print(f"teacher: no --teacher given; training {t.student} on {t.data.name} for "
                       f"{t.train.epochs} epochs (cached in {folder})")
-        fit(dataclasses.replace(t, out=str(folder)), console=console)
+        same = t.data == cfg.data and t.train.seed == cfg.train.seed  # what load_data reads: the same splits
+        fit(dataclasses.replace(t, out=str(folder)), console=console, device=device, splits=splits if same else None)
     return load_teacher(artifact, arch=t.student, **common)
 
 
-def teacher_evaluation(teacher, cfg: Config) -> dict:
+def teacher_evaluation(teacher, cfg: Config, *, device=None, splits=None) -> dict:
     """fmkt.json's teacher accuracy keys: top-1 % on the images the student is evaluated on (``load_data``'s: the
     held-out training images under data.holdout), the split's description and the images scored."""
-    _, test, _ = load_data(cfg)
-    device = resolve_device(cfg.train.device)
+    _, test, _ = load_data(cfg) if splits is None else splits
+    device = resolve_device(cfg.train.device) if device is None else device
     accuracy = evaluate(teacher, test, ["plain"], cfg.data.eval_batch_size, device)["plain"]
     return {"accuracy": accuracy, "split": evaluation_split(cfg), **evaluated_images(test)}
 
@@ -217,6 +215,10 @@ def run_train(cfg: Config, *, resume: bool = False, console: Console | None = No
     """Plain supervised training of cfg.student (a teacher, or a student alone); DDP under torchrun."""
     cfg = check_config(dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="none")))
     with distributed(cfg.train.device):
+        if cfg.task == "detection":
+            from fmkt.detection.command import run_detection
+
+            return run_detection(cfg, checked_info(cfg), resume=resume, console=_rank_console(console))
         return fit(cfg, resume=resume, console=_rank_console(console))
 
 
@@ -226,36 +228,45 @@ def run_distill(cfg: Config, *, resume: bool = False, console: Console | None = 
     Under torchrun every rank trains the missing default teacher together (rank 0 writes it to the cache, the
     others wait at a barrier), then every rank loads the same frozen copy.
     """
-    check_config(cfg)
+    info = checked_info(cfg)  # checked once: a config from ``configure`` is not checked again
     console = _rank_console(console)
     with distributed(cfg.train.device):
-        return _distill(cfg, resume, console)
+        if cfg.task == "detection":  # its run: fmkt.detection (the same loop, checkpoint, optimiser and logs)
+            from fmkt.detection.command import run_detection
+
+            return run_detection(cfg, info, resume=resume, console=console)
+        return _distill(cfg, resume, console, info)
 
 
-def _distill(cfg: Config, resume: bool, console: Console) -> FitResult:
-    if env_rank()[0] == 0:
-        check_output_dir(cfg.out)  # before a teacher is trained, not after
-    if resume and not (Path(cfg.out) / CHECKPOINT).is_file():
-        raise FmktError(f"--resume was given but {Path(cfg.out) / CHECKPOINT} does not exist; "
-                        "run without --resume to start fresh.")
+def _distill(cfg: Config, resume: bool, console: Console, info) -> FitResult:
+    """The walk: the device resolved once and the data loaded once, for the teacher (trained, or loaded and
+    scored) and the run alike."""
+    check_start(cfg.out, resume)  # before a teacher is trained, not after
+    device = resolve_device(cfg.train.device)
     if cfg.train.kernel == "triton":  # refuse before a teacher is trained, not after
         from fmkt.kernels import install_step_kernel
 
-        install_step_kernel(None, "triton", resolve_device(cfg.train.device))
+        install_step_kernel(None, "triton", device)
     if is_import_path(cfg.student):  # a student FM-KT cannot use is refused before a teacher is trained
-        build_student(student_spec(cfg, dataset_info(cfg.data.name, cfg.data.dir, **data_options(cfg.data))))
-    teacher, record = None, None
+        build_student(student_spec(cfg, info))
+    teacher, record, splits = None, None, load_data(cfg)
     if METHODS[cfg.method.name].needs_teacher:
-        teacher, record = obtain_teacher(cfg, console)
-        record.update(teacher_evaluation(teacher, cfg))
+        teacher, record = obtain_teacher(cfg, console, info=info, device=device, splits=splits)
+        record.update(teacher_evaluation(teacher, cfg, device=device, splits=splits))
     elif cfg.teacher.path:
         console.print(f"note: method {cfg.method.name!r} uses no teacher; ignoring {cfg.teacher.path}")
-    return fit(cfg, teacher=teacher, teacher_info=record, resume=resume, console=console)
+    return fit(cfg, teacher=teacher, teacher_info=record, resume=resume, console=console, device=device,
+               splits=splits)
 
 
 def run_eval(artifact: str, data: str | None, data_dir: str | None, steps: list[int], batch_size: int = 256,
              device: str = "auto") -> dict:
-    """Top-1 % of an artifact at each K on the test split of ``data`` (default: the artifact's own dataset)."""
+    """Top-1 % of an artifact at each K on the test split of ``data`` (default: the artifact's own dataset); a
+    detection artifact's COCO mAP on its val split (fmkt.detection.command.evaluate_artifact)."""
+    if is_detector_artifact(artifact):
+        from fmkt.detection.command import evaluate_artifact
+
+        return evaluate_artifact(artifact, data_dir, steps, batch_size, device)
     model, meta = load_artifact(artifact)
     name = data or meta.get("dataset", {}).get("name")
     if not name:
@@ -275,19 +286,10 @@ def run_eval(artifact: str, data: str | None, data_dir: str | None, steps: list[
 
 
 def eval_split(name: str, data_dir: str | None, spec: dict, recorded: dict):
-    """``load_dataset`` for ``eval``: an image folder at the artifact's input size, from ``--data-dir`` or the
-    folder its fmkt.json records, with the same classes (by name) as the artifact was trained on."""
-    if not is_folder(name):
-        return load_dataset(name, data_dir)
-    folder = data_dir or recorded.get("dir")
-    if folder is None:
-        raise FmktError("eval of an imagefolder artifact needs --data-dir ROOT (its fmkt.json records no folder).")
-    train, test, found = load_dataset(name, folder, image_size=spec["input"]["size"][0])
-    names = recorded.get("class_names")
-    if names and list(found.class_names) != list(names):
-        raise FmktError(f"the class folders of {folder}/val are not the {len(names)} classes the artifact was trained "
-                        "on (by name and order); evaluate on a folder with the same classes.")
-    return train, test, found
+    """``load_dataset`` for ``eval`` as the artifact records its data (:func:`fmkt.data.recorded_splits`): at its
+    input size (in-memory images resized as training resized them, ``data.image_size``; an image folder's crop), from
+    ``--data-dir`` or the folder its fmkt.json records, with the classes (by name and order) it was trained on."""
+    return recorded_splits(name, data_dir, spec["input"]["size"], recorded)
 
 
 def skipped_steps(model, steps, method: str | None) -> dict:

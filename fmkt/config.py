@@ -1,7 +1,5 @@
-"""The typed run configuration: YAML files and ``--set a.b=v`` overrides map onto these dataclasses.
-
-Unknown keys are rejected with the valid ones named. The CLI options are shortcuts for the same keys.
-"""
+"""The typed run configuration: YAML files and ``--set a.b=v`` overrides map onto these dataclasses; unknown keys
+are rejected with the valid ones named. The CLI options are shortcuts for the same keys."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from fmkt.errors import FmktError
+from fmkt.detection.config import DetectionConfig  # the detection task's section (plain types)
+from fmkt.errors import FmktError, first_line
+from fmkt.files import atomic_write_text
 
 
 @dataclass
@@ -90,6 +90,10 @@ class OptimConfig:
     milestones: list = field(default_factory=list)  # epochs, for multistep
     gamma: float = 0.1
     warmup_epochs: float = 0.0
+    warmup_start: float = 0.0  # the warm-up's first LR as a fraction of lr (DeiT's mmcls config: 1e-3)
+    min_lr: float = 0.0  # the cosine schedule's floor, an absolute LR (DeiT: 1e-5)
+    no_decay: bool = False  # no weight decay on biases, norms and ViT tokens (timm's rule; DeiT's recipe)
+    clip_grad: float = 0.0  # the gradients' max global norm before each update (0: no clipping; DeiT: 5)
 
 
 @dataclass
@@ -117,16 +121,15 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     out: str = "runs/distill"
+    task: str = "classification"  # fmkt.names.TASK_NAMES: classification | detection (its keys: the detection section)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def parse_int_list(text, key: str, minimum: int = 0) -> list[int]:
-    if isinstance(text, (list, tuple)):
-        items = list(text)
-    else:
-        items = [s for s in str(text).replace(" ", "").split(",") if s]
+    items = list(text) if isinstance(text, (list, tuple)) else [s for s in str(text).replace(" ", "").split(",") if s]
     if not items:
         raise FmktError(f"{key} is empty; give a comma-separated list of integers such as 1,2,4,8.")
     try:
@@ -137,6 +140,14 @@ def parse_int_list(text, key: str, minimum: int = 0) -> list[int]:
     if bad:
         raise FmktError(f"{key} values must be >= {minimum}, got {bad}.")
     return values
+
+
+def parse_words(text, key: str) -> list[str]:
+    """A comma list of names ("eager, trt" -> ["eager", "trt"]); an empty one is refused."""
+    items = [w for w in str(text).replace(" ", "").split(",") if w]
+    if not items:
+        raise FmktError(f"{key} is empty; give a comma-separated list.")
+    return items
 
 
 def _coerce(value, tp, key: str):
@@ -223,12 +234,31 @@ def parse_set(items: list[str]) -> dict:
             value = raw
         if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
             value = raw.strip()  # YAML 1.1 reads on/off/yes/no as booleans; a bool key still takes them
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        _put(out, key.strip().split("."), value)
     return out
+
+
+def _put(tree: dict, parts: list[str], value) -> None:
+    for part in parts[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[parts[-1]] = value
+
+
+def cli_overrides(sets: list[str] | None, **options) -> list[dict]:
+    """The CLI's override dicts, in order: its options (``data__dir=x`` sets data.dir; an option left None was not
+    given, so the config file's value stands), then the ``--set`` items."""
+    given: dict = {}
+    for dotted, value in options.items():
+        if value is not None:
+            _put(given, dotted.split("__"), value)
+    return [given, parse_set(sets)]
+
+
+def teacher_arch_option(arch: str | None, model: str | None) -> str | None:
+    """--teacher-arch and --teacher-model both set teacher.arch; two different values are refused."""
+    if arch and model and arch != model:
+        raise FmktError(f"--teacher-arch {arch!r} and --teacher-model {model!r} disagree; give one of them.")
+    return model or arch
 
 
 def recipe_names() -> list[str]:
@@ -248,7 +278,7 @@ def read_config_file(path: str) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise FmktError(f"config file {p} is not valid YAML ({str(exc).splitlines()[0]}).") from None
+        raise FmktError(f"config file {p} is not valid YAML ({first_line(exc, None, with_type=False)}).") from None
     if not isinstance(data, dict):
         raise FmktError(f"config file {p} must hold a mapping of keys, not {type(data).__name__}.")
     return data
@@ -275,6 +305,10 @@ def validate(cfg: Config) -> Config:
             raise FmktError(f"{key} must be >= 1, got {value}.")
     if cfg.optim.lr <= 0:
         raise FmktError(f"optim.lr must be > 0, got {cfg.optim.lr}.")
+    o = cfg.optim
+    if not (0 <= o.warmup_start <= 1 and 0 <= o.min_lr < o.lr and o.clip_grad >= 0):
+        raise FmktError(f"optim.warmup_start must be in [0, 1], optim.min_lr in [0, optim.lr) and optim.clip_grad "
+                        f">= 0; got {o.warmup_start}, {o.min_lr} (lr {o.lr}), {o.clip_grad}.")
     validate_data(cfg.data)
     return cfg
 
@@ -313,6 +347,4 @@ def validate_method(m: MethodConfig) -> MethodConfig:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from fmkt.files import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,7 +1,8 @@
 """One training loop for every method, in named pieces: prepare -> train_epoch -> train_step -> finish
 (mdistiller's train -> train_epoch -> train_iter). :func:`fit` writes ``OUT/config.yaml``, ``OUT/metrics.jsonl``,
-``OUT/checkpoint.pt`` (fmkt/checkpoint.py) and the artifact ``OUT/artifact``. The step is fmkt.capture.make_step's:
-fmkt.step's eager step, or that step's body captured as a CUDA graph.
+``OUT/checkpoint.pt`` (fmkt/checkpoint.py) and the artifact ``OUT/artifact``. The epoch's steps are fmkt.loop's (the
+Python API runs the same loop); the step is fmkt.capture.make_step's: fmkt.step's eager step, or that step's body
+captured as a CUDA graph.
 
 One process or ``torchrun`` DDP alike: each rank trains on its shard with ``data.batch_size / WORLD_SIZE`` images
 per step (the global batch), the distiller is wrapped in DistributedDataParallel (the frozen teacher has no
@@ -22,18 +23,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fmkt.artifact import run_record, save_artifact
 from fmkt.capture import fast_path_plan, make_step
-from fmkt.checkpoint import CHECKPOINT, load_checkpoint, restore, save_checkpoint, training_state
+from fmkt.checkpoint import resume_run, save_run
 from fmkt.config import Config, save_config
-from fmkt.data import check_split, data_options, folder_record, load_dataset, make_loader, resident
+from fmkt.data import data_options, load_dataset, make_loader
 from fmkt.distillers import build_distiller, check_method
 from fmkt.errors import FmktError
 from fmkt.evaluation import eval_keys, evaluate, evaluated_images, step_label
 from fmkt.files import atomic_path, check_output_dir, ensure_writable_dir, remove_stale_temporaries
 from fmkt.logs import NoLogger, open_logger
-from fmkt.meter import EpochMeter, NonFiniteStep, epoch_record
+from fmkt.loop import run_epoch
+from fmkt.meter import EpochMeter, epoch_record
 from fmkt.mixing import with_mixing
 from fmkt.optim import build_optimizer, build_scheduler, epoch_lr, scheduled_lr
-from fmkt.step import NonFiniteLoss, nonfinite_loss, train_step  # noqa: F401 (train_step: the API's)
+from fmkt.step import nonfinite_loss, train_step  # noqa: F401 (the step's names, as tests import them from here)
 from fmkt.runtime import FP32, distributed, rank_and_world, resolve_device, seed_everything, sum_over_ranks
 from fmkt.student import DeployableModel, StudentSpec, build_student, spec_of
 
@@ -67,13 +69,10 @@ def make_progress(console: Console, enabled: bool = True) -> Progress:
 # --------------------------------------------------------------------------------------------- the run
 def student_spec(cfg: Config, data) -> StudentSpec:
     """The spec of ``cfg``'s student on a dataset (``data``: its DatasetInfo)."""
-    method = check_method(cfg.method.name)
-    return StudentSpec(arch=cfg.student, num_classes=data.num_classes, channels=data.in_channels,
-                       size=tuple(data.image_size), mean=tuple(data.mean), std=tuple(data.std),
-                       adapter=dict(cfg.student_options) or None, arch_kwargs=dict(cfg.student_kwargs),
-                       encoder=cfg.method.encoder if method.flow else None, encoder_params=cfg.method.encoder_params,
-                       schedule=cfg.method.schedule, transfer=cfg.method.transfer if method.flow else "logits",
-                       theta_head=method.theta, default_steps=cfg.method.train_step_choices()[-1])
+    return StudentSpec.for_method(cfg.method, check_method(cfg.method.name), arch=cfg.student,
+                                  num_classes=data.num_classes, channels=data.in_channels, size=tuple(data.image_size),
+                                  mean=tuple(data.mean), std=tuple(data.std), adapter=dict(cfg.student_options) or None,
+                                  arch_kwargs=dict(cfg.student_kwargs))
 
 
 @dataclass
@@ -114,10 +113,6 @@ class Run:
     def master(self) -> bool:  # only rank 0 writes files and shows progress
         return self.rank == 0
 
-    @property
-    def ckpt_path(self) -> Path:
-        return self.out / CHECKPOINT
-
 
 def load_data(cfg: Config):
     """(train, evaluation set, DatasetInfo) with the configured subsets, images checked. With ``data.holdout``
@@ -129,8 +124,8 @@ def load_data(cfg: Config):
         train_set = train_set.subset(cfg.data.train_subset, seed=cfg.train.seed)
     if cfg.data.test_subset:
         test_set = test_set.subset(cfg.data.test_subset, seed=0)
-    check_split(train_set, data)
-    check_split(test_set, data)
+    train_set.check(data)
+    test_set.check(data)
     return train_set, test_set, data
 
 
@@ -149,8 +144,10 @@ def build_models(cfg: Config, data, teacher, device, console, captured: bool = F
     return student, distiller.to(device)
 
 
-def prepare(cfg: Config, teacher, teacher_record, resume: bool, console, extra) -> Run:
-    """Everything a run needs, checked before any file is written: data, models, optimiser, resumed state."""
+def run_start(cfg, console) -> tuple:
+    """(rank, world, the console: quiet off rank 0, out) of a run (the engine's and fmkt.detection's): the global
+    batch checked against the world, rank 0 checks ``out`` (created only once the data, models and checkpoint are
+    known to be good), ``train.threads`` applied."""
     rank, world = rank_and_world()
     console = console if rank == 0 else Console(stderr=True, quiet=True)
     if cfg.data.batch_size % world:
@@ -158,13 +155,20 @@ def prepare(cfg: Config, teacher, teacher_record, resume: bool, console, extra) 
                         f"{world} processes; pass a multiple of {world}.")
     out = Path(cfg.out)
     if rank == 0:
-        check_output_dir(out)  # created only once the data, models and checkpoint are known to be good
+        check_output_dir(out)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    train_set, test_set, data = load_data(cfg)
+    return rank, world, console, out
+
+
+def prepare(cfg: Config, teacher, teacher_record, resume: bool, console, extra, *, device=None, splits=None) -> Run:
+    """Everything a run needs, checked before any file is written: data, models, optimiser, resumed state.
+    ``device``/``splits``: the device and ``load_data(cfg)``'s splits when the caller has them already."""
+    rank, world, console, out = run_start(cfg, console)
+    device = resolve_device(cfg.train.device) if device is None else device
+    train_set, test_set, data = load_data(cfg) if splits is None else splits
     plan = fast_path_plan(cfg.train.fast_path, cfg, device, world, check_method(cfg.method.name))
-    if plan.on_gpu and not resident(train_set):  # an image folder stays on the host: workers decode into pinned memory
+    if plan.on_gpu and not train_set.resident:  # an image folder stays on the host: workers decode into pinned memory
         plan = replace(plan, on_gpu=False, line=plan.line.replace("data on the GPU", "images decoded by host workers"))
     if device.type == "cuda":
         console.print(plan.line, highlight=False)
@@ -177,7 +181,7 @@ def prepare(cfg: Config, teacher, teacher_record, resume: bool, console, extra) 
     if len(loader) == 0:
         raise FmktError(f"the training set ({len(train_set)} images) is smaller than one batch "
                         f"({cfg.data.batch_size}); lower data.batch_size.")
-    optimizer = build_optimizer(cfg, distiller.parameters(), device_lr=plan.capture or None,
+    optimizer = build_optimizer(cfg, distiller.named_parameters(), device_lr=plan.capture or None,
                                 capturable=plan.capture)
     keys = eval_keys(student, cfg.method.eval_steps)
     run = Run(cfg=cfg, console=console, device=device, amp=cfg.train.amp and device.type == "cuda", rank=rank,
@@ -186,21 +190,10 @@ def prepare(cfg: Config, teacher, teacher_record, resume: bool, console, extra) 
               scheduler=build_scheduler(cfg, optimizer, len(loader)), loader=loader, keys=keys,
               teacher=teacher_record, extra=dict(extra or {}), best={k: -1.0 for k in keys})
     if resume:
-        resume_from_checkpoint(run)
+        resume_run(run)
     open_outputs(run)
     run.step = with_mixing(make_step(run, plan), run)  # Mixup/CutMix (data.mixup, data.cutmix) before it
     return run
-
-
-def resume_from_checkpoint(run: Run) -> None:
-    ckpt = load_checkpoint(run.ckpt_path)
-    restore(ckpt, run.ckpt_path, run.cfg.to_dict(), run.distiller, run.optimizer, run.scheduler)
-    run.start_epoch, run.start_step = ckpt["epoch"], ckpt["step_in_epoch"]
-    run.history, run.best = list(ckpt["history"]), dict(ckpt["best"])
-    # a mid-epoch checkpoint carries the epoch's running loss sums, so the epoch's metrics come out whole
-    run.resumed_sums, run.resumed_seen = dict(ckpt.get("epoch_sums", {})), int(ckpt.get("epoch_seen", 0))
-    run.last_good = run.ckpt_path
-    run.console.print(f"resuming from {run.ckpt_path}: epoch {run.start_epoch + 1}, step {run.start_step}")
 
 
 def open_outputs(run: Run) -> None:
@@ -222,16 +215,10 @@ def open_outputs(run: Run) -> None:
                                             device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
 
-def checkpoint(run: Run, epoch: int, step_in_epoch: int, sums: dict | None = None, seen: int = 0) -> None:
-    if run.master:
-        save_checkpoint(run.ckpt_path, training_state(run.distiller, run.optimizer, run.scheduler, run.cfg.to_dict(),
-                                                      epoch, step_in_epoch, run.history, run.best, sums, seen))
-    run.last_good = run.ckpt_path
-
-
-def train_epoch(run: Run, epoch: int, progress: Progress) -> None:
-    """One epoch: the steps (skipping those a mid-epoch checkpoint already did), then the record and evaluation.
-    The losses are read from the device at ~2 Hz, before a checkpoint and at the end (fmkt.meter)."""
+def train_epoch(run: Run, epoch: int, progress: Progress, end=None) -> None:
+    """One epoch: fmkt.loop's steps (skipping those a mid-epoch checkpoint already did) with the progress bar,
+    train.log's step log and the mid-epoch checkpoints at each read of the losses, then the record and evaluation
+    (``end``: :func:`end_epoch`'s stand-in of another task, fmkt.detection.run's with COCO mAP)."""
     cfg, iters = run.cfg, len(run.loader)
     run.distiller.train()
     run.loader.set_epoch(epoch)
@@ -244,45 +231,20 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> None:
     run.loader.skip(skip)  # the batches a mid-epoch checkpoint already did are not even built (or decoded)
     progress.advance(task, skip)
     t0 = time.perf_counter()
-    for step, (images, labels) in enumerate(run.loader, start=skip):
-        images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
-        try:
-            losses = run.step(images, labels, epoch + step / iters)
-        except NonFiniteLoss as exc:
-            raise nonfinite_loss_of(run, epoch, step, exc.value) from None
-        meter.add(step, losses, labels.numel(), scheduled_lr(cfg, epoch * iters + step, iters))
-        every = cfg.train.checkpoint_every_steps
-        save = bool(every) and (step + 1) % every == 0 and step + 1 < iters
-        if save or meter.due() or step + 1 == iters:
-            show_steps(run, meter, epoch, progress, task, t0)
-        if save:
-            checkpoint(run, epoch, step + 1, *sum_over_ranks(meter.sums, meter.seen, run.device))
-    show_steps(run, meter, epoch, progress, task, t0)
+
+    def show(records) -> None:  # the steps just read: train.log's step log and the progress bar
+        ips = meter.trained / max(time.perf_counter() - t0, 1e-9)
+        for r in records:
+            run.logger.step(epoch * iters + r.step + 1, r.losses, r.lr, ips)
+        progress.update(task, advance=len(records), loss=records[-1].loss, ips=ips)
+
+    run_epoch(run.step, run.loader, epoch, iters, run.device, lambda s: scheduled_lr(cfg, s, iters), start=skip,
+              meter=meter, save_every=cfg.train.checkpoint_every_steps, on_read=show, last_good=lambda: run.last_good,
+              on_save=lambda done, m: save_run(run, epoch, done, *sum_over_ranks(m.sums, m.seen, run.device)))
     progress.remove_task(task)
     sums, seen = sum_over_ranks(meter.sums, meter.seen, run.device)
     trained = seen - (run.resumed_seen if skip else 0)
-    end_epoch(run, epoch, sums, seen, time.perf_counter() - t0, trained)
-
-
-def show_steps(run: Run, meter: EpochMeter, epoch: int, progress: Progress, task, t0: float) -> None:
-    """Read the pending steps' losses (one host sync) into the sums, the progress bar and train.log's step log."""
-    try:
-        records = meter.read()
-    except NonFiniteStep as exc:
-        raise nonfinite_loss_of(run, epoch, exc.step, exc.value) from None
-    if not records:
-        return
-    ips = meter.trained / max(time.perf_counter() - t0, 1e-9)
-    iters = len(run.loader)
-    for r in records:
-        run.logger.step(epoch * iters + r.step + 1, r.losses, r.lr, ips)
-    progress.update(task, advance=len(records), loss=records[-1].loss, ips=ips)
-
-
-def nonfinite_loss_of(run: Run, epoch: int, step: int, value: float):
-    """The one sentence for a NaN/Inf loss at (epoch, step) of this run."""
-    updated = bool(epoch or step or run.last_good)
-    return nonfinite_loss(value, epoch, step, updated=updated, last_good=run.last_good)
+    (end or end_epoch)(run, epoch, sums, seen, time.perf_counter() - t0, trained)
 
 
 def end_epoch(run: Run, epoch: int, sums: dict, seen: int, seconds: float, trained: int | None = None) -> None:
@@ -303,7 +265,7 @@ def end_epoch(run: Run, epoch: int, sums: dict, seen: int, seconds: float, train
     accs = ", ".join(f"{step_label(k)} {v:.2f}" for k, v in record.get("top1", {}).items())
     run.console.print(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {record['train_loss']:.4f}  "
                       f"{record['images_per_s']:.0f} img/s  {accs}")
-    checkpoint(run, epoch + 1, 0)
+    save_run(run, epoch + 1, 0)
 
 
 def evaluation_split(cfg: Config) -> str:
@@ -323,7 +285,7 @@ def finish(run: Run) -> FitResult:
         record = run_record(run.cfg.method, teacher=run.teacher,
                             dataset={"name": run.data.name, "num_classes": run.data.num_classes,
                                      "class_names": list(run.data.class_names) if run.data.class_names else None,
-                                     **folder_record(run.train_set, run.test_set)},
+                                     **run.train_set.record(run.test_set)},
                             metrics={"last": last, "best": run.best, "epochs": run.cfg.train.epochs,
                                      "precision": FP32, "split": evaluation_split(run.cfg),
                                      **evaluated_images(run.test_set)},
@@ -338,11 +300,14 @@ def finish(run: Run) -> FitResult:
 
 
 def fit(cfg: Config, *, teacher: DeployableModel | None = None, teacher_info: dict | None = None,
-        resume: bool = False, console: Console | None = None, extra_info: dict | None = None) -> FitResult:
+        resume: bool = False, console: Console | None = None, extra_info: dict | None = None, device=None,
+        splits=None) -> FitResult:
     """Train ``cfg``'s distiller and write OUT (see the module docstring); under torchrun, one DDP rank of it.
-    ``teacher_info``: fmkt.json's teacher record; ``extra_info``: more keys for fmkt.json."""
+    ``teacher_info``: fmkt.json's teacher record; ``extra_info``: more keys for fmkt.json; ``device`` and
+    ``splits`` (``load_data(cfg)``'s): what the caller resolved and loaded already (fmkt.commands' distill)."""
     with distributed(cfg.train.device):
-        run = prepare(cfg, teacher, teacher_info, resume, console or Console(stderr=True), extra_info)
+        run = prepare(cfg, teacher, teacher_info, resume, console or Console(stderr=True), extra_info,
+                      device=device, splits=splits)
         with make_progress(run.console, enabled=run.master) as progress:
             for epoch in range(run.start_epoch, cfg.train.epochs):
                 train_epoch(run, epoch, progress)

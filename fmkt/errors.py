@@ -8,7 +8,12 @@ class FmktError(Exception):
     """A user-facing error: the message is one clear sentence saying what is wrong and what to do."""
 
 
-def first_line(exc: BaseException, limit: int = 160) -> str:
-    """``"TypeName: the first line of its message"`` (at most ``limit`` characters of it), for one-line reports."""
-    lines = str(exc).splitlines()
-    return f"{type(exc).__name__}: {(lines[0] if lines else '')[:limit]}"
+def first_line(exc: BaseException, limit: int | None = 160, *, with_type: bool = True) -> str:
+    """The one helper for "an exception in one line": ``"TypeName: the first line of its message"`` (at most
+    ``limit`` characters of that line; None: all of it), or ``"TypeName"`` when the message is empty. With
+    ``with_type=False``, the line alone (``""`` when the message is empty)."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0][:limit] if lines else ""
+    if not with_type:
+        return line
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fmkt.data import make_loader, resident, shard
+from fmkt.data import make_loader
 from fmkt.runtime import ddp_active, strict_fp32
 from fmkt.student import DeployableModel
 
@@ -37,7 +37,7 @@ def evaluate(model: DeployableModel, data, keys: list[str], batch_size: int, dev
     """
     whole = data
     if ddp_active():
-        data = shard(data, dist.get_rank(), dist.get_world_size())
+        data = data.shard(dist.get_rank(), dist.get_world_size())
     loader = make_loader(data, batch_size, shuffle=False, augment_info=None, seed=0, device=device)
     correct, total = count_correct(model, loader, keys, device)
     if ddp_active():
@@ -49,13 +49,10 @@ def evaluate(model: DeployableModel, data, keys: list[str], batch_size: int, dev
 
 
 def evaluated_images(data) -> dict:
-    """fmkt.json's counts for an evaluation split: {"images_evaluated": images the last :func:`evaluate` of
-    ``data`` scored, all ranks together}, and for an image folder "images_unreadable": its files left out (None
-    for a folder not evaluated in this process)."""
-    if resident(data):
-        return {"images_evaluated": getattr(data, "evaluated", len(data))}
-    n = getattr(data, "evaluated", None)
-    return {"images_evaluated": n, "images_unreadable": None if n is None else len(data) - n}
+    """fmkt.json's counts for an evaluation split (its :meth:`fmkt.data.Split.evaluation_record`): {"images_evaluated":
+    images the last :func:`evaluate` of ``data`` scored, all ranks together}, and for an image folder
+    "images_unreadable": its files left out (None for a folder not evaluated in this process)."""
+    return data.evaluation_record()
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from fmkt.errors import FmktError
+from fmkt.errors import FmktError, first_line
 
 _PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -46,8 +46,8 @@ def resolve(path: str, what: str = "factory"):
                             "PYTHONPATH, nor in the current folder.") from None
         raise FmktError(f"importing {module_name!r} of {what} {path!r} failed: {exc}.") from None
     except Exception as exc:  # the user's module raised while importing
-        raise FmktError(f"importing {module_name!r} of {what} {path!r} failed ({type(exc).__name__}: "
-                        f"{first_line(exc)}).") from None
+        raise FmktError(f"importing {module_name!r} of {what} {path!r} failed "
+                        f"({first_line(exc, 200).rstrip('.')}).") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise FmktError(f"module {module_name!r} has no attribute {attr!r} ({what} {path!r}).")
@@ -71,14 +71,10 @@ def call_factory(path: str, what: str = "factory", **kwargs):
     except FmktError:
         raise
     except Exception as exc:
-        raise FmktError(f"{what} {path!r} raised {type(exc).__name__} ({first_line(exc)}).") from None
+        why = first_line(exc, 200, with_type=False).rstrip(".") or "no message"
+        raise FmktError(f"{what} {path!r} raised {type(exc).__name__} ({why}).") from None
 
 
 def import_path_of(obj) -> str:
     """``module:qualname`` of a class or function (what ``resolve`` reads back)."""
     return f"{obj.__module__}:{obj.__qualname__}"
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else "no message")[:200].rstrip(".")

@@ -13,16 +13,19 @@ import math
 import torch
 
 from fmkt.config import Config
+from fmkt.errors import FmktError
 
 
 def lr_factor(cfg: Config, epoch_progress: float) -> float:
-    """Multiplier of the base LR at a fractional epoch: linear warm-up, then cosine to 0 or step decay."""
+    """Multiplier of the base LR at a fractional epoch: linear warm-up from ``optim.warmup_start``, then cosine to
+    ``optim.min_lr`` or step decay (with both at 0, exactly the plain warm-up-then-cosine-to-0 of before)."""
     o, epochs = cfg.optim, cfg.train.epochs
     if o.warmup_epochs > 0 and epoch_progress < o.warmup_epochs:
-        return (epoch_progress + 1e-8) / o.warmup_epochs
+        return o.warmup_start + (1.0 - o.warmup_start) * ((epoch_progress + 1e-8) / o.warmup_epochs)
     if o.scheduler == "cosine":
-        span = max(epochs - o.warmup_epochs, 1e-8)
-        return 0.5 * (1.0 + math.cos(math.pi * min((epoch_progress - o.warmup_epochs) / span, 1.0)))
+        span, floor = max(epochs - o.warmup_epochs, 1e-8), o.min_lr / o.lr
+        return floor + (1.0 - floor) * (0.5 * (1.0 + math.cos(math.pi * min((epoch_progress - o.warmup_epochs)
+                                                                             / span, 1.0))))
     return o.gamma ** sum(1 for m in o.milestones if epoch_progress >= m)
 
 
@@ -51,19 +54,43 @@ LR_SCHEDULES = ("cosine", "multistep")  # lr_factor's two shapes (both with opti
 DEVICE_FIELDS = ("fused", "foreach", "capturable", "differentiable")
 
 
+NO_DECAY_TOKENS = ("cls_token", "dist_token", "reg_token", "pos_embed", "pos_embedding")  # timm's no_weight_decay()
+
+
+def decay_groups(named, weight_decay: float) -> list:
+    """timm's ``param_groups_weight_decay``: ``named`` ((name, parameter) pairs) as two param groups, the biases,
+    norms (every parameter of one dimension) and ViT tokens without weight decay, the rest with ``weight_decay``."""
+    decay, keep = [], []
+    for name, p in named:
+        (keep if p.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_TOKENS else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
 def build_optimizer(cfg: Config, params, *, device_lr: bool | None = None, capturable: bool = False):
-    """The configured optimiser over the trainable ``params``. ``device_lr`` (default: the parameters are on CUDA):
-    the fused implementation with the LR as a one-element tensor on the parameters' device; ``capturable``: also
-    what a CUDA-graph capture needs (AdamW's ``capturable=True``; asked only when a capture is planned, since
-    torch warns when a capturable optimiser steps outside a graph)."""
-    params = [p for p in params if p.requires_grad]
+    """The configured optimiser over the trainable ``params`` (parameters, or (name, parameter) pairs, which
+    ``optim.no_decay`` needs: :func:`decay_groups`). ``device_lr`` (default: the parameters are on CUDA): the fused
+    implementation with the LR as a one-element tensor on the parameters' device (one per param group);
+    ``capturable``: also what a CUDA-graph capture needs (AdamW's ``capturable=True``; asked only when a capture is
+    planned, since torch warns when a capturable optimiser steps outside a graph)."""
+    o, named = cfg.optim, [(n, p) for n, p in _named(params) if p.requires_grad]
+    if o.no_decay and any(n is None for n, _ in named):
+        raise FmktError("optim.no_decay needs the parameters' names: pass model.named_parameters().")
+    groups = decay_groups(named, o.weight_decay) if o.no_decay else [{"params": [p for _, p in named]}]
+    groups = [g for g in groups if g["params"]]  # none at all: the optimiser's own "empty parameter list" error
+    first = groups[0]["params"][0] if groups else None
     if device_lr is None:
-        device_lr = bool(params) and params[0].is_cuda
-    if device_lr and params:
-        lr = torch.tensor(float(cfg.optim.lr), device=params[0].device)
-        extra = CAPTURE_OPTIONS[cfg.optim.name] if capturable else {}
-        return OPTIMIZERS[cfg.optim.name](params, cfg.optim, lr=lr, fused=True, **extra)
-    return OPTIMIZERS[cfg.optim.name](params, cfg.optim, lr=cfg.optim.lr)
+        device_lr = first is not None and first.is_cuda
+    if device_lr and first is not None:
+        extra = CAPTURE_OPTIONS[o.name] if capturable else {}
+        if len(groups) > 1:  # each group its own LR tensor, which the schedule fills in place
+            groups = [dict(g, lr=torch.tensor(float(o.lr), device=first.device)) for g in groups]
+        return OPTIMIZERS[o.name](groups, o, lr=torch.tensor(float(o.lr), device=first.device), fused=True, **extra)
+    return OPTIMIZERS[o.name](groups, o, lr=o.lr)
+
+
+def _named(params) -> list:
+    """``params`` as (name, parameter) pairs: plain parameters get the name None."""
+    return [item if isinstance(item, tuple) else (None, item) for item in params]
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fmkt.errors import FmktError
+from fmkt.errors import FmktError, first_line
 
 
 def env_rank() -> tuple[int, int]:
@@ -149,7 +149,7 @@ def _stack_versions() -> tuple[dict, dict]:
             versions[name] = __import__(name).__version__
         except Exception as exc:  # absent or broken: say why
             versions[name] = None
-            absent[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
+            absent[name] = first_line(exc, 80)
     if versions["onnxruntime"] is not None:
         versions["onnxruntime_providers"] = __import__("onnxruntime").get_available_providers()
     return versions, absent

@@ -35,9 +35,11 @@ def nonfinite_loss(value: float, epoch: int, step: int, *, updated: bool, last_g
     return FmktError(f"{where}; stopped. The last good checkpoint is {last_good or 'none'}; try a lower --lr.")
 
 
-def forward_backward(model, images, labels, progress: float, guard, amp: bool = False, cache_enabled: bool = True):
-    """The one step body: the method's losses (bf16 autocast when ``amp``), their sum, ``guard(loss)``, backward.
-    Returns the loss parts. The eager step (:func:`train_step`) and the captured one (fmkt.capture) both run exactly
+def forward_backward(model, images, labels, progress: float, guard, amp: bool = False, cache_enabled: bool = True,
+                     clip: float = 0.0):
+    """The one step body: the method's losses (bf16 autocast when ``amp``), their sum, ``guard(loss)``, backward,
+    and with ``clip`` > 0 the gradients' global norm clipped to it (optim.clip_grad; no host sync, so the captured
+    step records it too). Returns the loss parts. The eager step (:func:`train_step`) and the captured one (fmkt.capture) both run exactly
     this; they differ in the guard (raise on a non-finite loss, or flag it for the fused optimiser inside the
     graph) and in what surrounds it (the optimiser and LR step)."""
     with autocast(amp, cache_enabled=cache_enabled):
@@ -45,6 +47,8 @@ def forward_backward(model, images, labels, progress: float, guard, amp: bool = 
     loss = sum(losses.values())
     guard(loss)
     loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
     return losses
 
 
@@ -58,12 +62,14 @@ def raise_if_nonfinite(loss: torch.Tensor) -> None:
         raise NonFiniteLoss(loss.item())
 
 
-def train_step(model, optimizer, scheduler, images, labels, progress: float, amp: bool = False) -> dict:
+def train_step(model, optimizer, scheduler, images, labels, progress: float, amp: bool = False,
+               clip: float = 0.0) -> dict:
     """One eager iteration: :func:`forward_backward` guarded by a finite check (every rank together under DDP),
-    then the optimiser and LR step. ``model`` is a distiller (or its DDP wrapper); ``progress`` the fractional epoch.
+    then the optimiser and LR step. ``model`` is a distiller (or its DDP wrapper); ``progress`` the fractional epoch;
+    ``clip``: optim.clip_grad.
     Returns the loss parts (tensors); raises NonFiniteLoss before backward, so no weight is touched."""
     optimizer.zero_grad(set_to_none=True)
-    losses = forward_backward(model, images, labels, progress, raise_if_nonfinite, amp)
+    losses = forward_backward(model, images, labels, progress, raise_if_nonfinite, amp, clip=clip)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()

@@ -216,6 +216,15 @@ class StudentSpec:
         }
 
     @classmethod
+    def for_method(cls, m, method, **facts) -> "StudentSpec":
+        """The spec a method config means: the one writer of its method fields (the engine's student and the Python
+        API's). ``m``: the config's MethodConfig; ``method``: its METHODS entry (``flow``: a meta-encoder, the
+        schedule's sampler and the transfer; ``theta``: the K = 0 head); ``facts``: architecture, classes, input."""
+        return cls(encoder=m.encoder if method.flow else None, encoder_params=m.encoder_params, schedule=m.schedule,
+                   transfer=m.transfer if method.flow else "logits", theta_head=method.theta,
+                   default_steps=m.train_step_choices()[-1], **facts)
+
+    @classmethod
     def from_json(cls, d: dict, default_steps: int = 1) -> "StudentSpec":
         """``default_steps`` is used only when ``d`` predates its own key (older fmkt.json files)."""
         inp = d["input"]
@@ -249,7 +258,7 @@ def spec_of(model: DeployableModel) -> StudentSpec:
     """The spec that rebuilds ``model`` as it is now (its default_steps and the adapter's findings included)."""
     spec = getattr(model, "spec", None)
     if spec is None:
-        raise ValueError("this model was not made by build_student; describe it with fmkt.artifact.model_spec")
+        raise ValueError("this model was not made by build_student; build it from a StudentSpec with build_student")
     options = getattr(model.backbone, "options", None)  # a ModuleAdapter records where it found map and head
     return dataclasses.replace(spec, default_steps=model.default_steps, num_features=model.num_features,
                                adapter=options if options is not None else spec.adapter)

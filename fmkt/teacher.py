@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fmkt.artifact import WEIGHTS, is_artifact, load_artifact, weights_sha256
-from fmkt.errors import FmktError
+from fmkt.errors import FmktError, first_line
 from fmkt.files import sha256_file
 from fmkt.models.adapter import unwrap
 from fmkt.student import DeployableModel, StudentSpec, build_student
@@ -38,7 +38,7 @@ def read_state_dict(path: Path, key_map: dict | None = None) -> dict:
             raise FmktError(f"cannot read {path} as a PyTorch weights file: it holds Python objects other than "
                             "tensors, which are never unpickled (weights_only=True); save model.state_dict() "
                             "instead.") from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, None, with_type=False) or type(exc).__name__
         first = first.split(". ")[0].rstrip(".")
         raise FmktError(f"cannot read {path} as a PyTorch weights file ({first[:200]}); it is truncated or not "
                         "a state dict saved with torch.save (read with weights_only=True).") from None

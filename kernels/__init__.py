@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from fmkt.errors import FmktError
+from fmkt.errors import FmktError, first_line
 from fmkt.flow.sampler import euler_step_reference
 
 KERNEL_MODES = ("auto", "triton", "torch")
@@ -46,7 +46,7 @@ def triton_import_error() -> str | None:
     try:
         from fmkt.kernels import euler_step, mlp_sampler  # noqa: F401  (decorates the kernels)
     except Exception as exc:  # ImportError, or a broken install: either way the kernels are unusable
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        return first_line(exc, None)
     return None
 
 

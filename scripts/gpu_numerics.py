@@ -46,15 +46,15 @@ print("ran", float((out - net(x)).abs().max()), flush=True)
 
 
 def make_artifact(path: Path) -> Path:
-    from fmkt.artifact import model_spec, save_artifact
-    from fmkt.models import create_model
-    from fmkt.student import DeployableModel
+    from fmkt.artifact import save_artifact
+    from fmkt.student import StudentSpec, build_student, spec_of
 
     torch.manual_seed(0)
-    model = DeployableModel(create_model("resnet8x4", num_classes=100, in_channels=3), (0.507, 0.487, 0.441),
-                            (0.267, 0.256, 0.276), encoder="conv", default_steps=4).eval()
-    spec = model_spec(model, "resnet8x4", 3, (32, 32), "conv")
-    return save_artifact(path, model, spec, {"method": "fmkt", "dataset": {"name": "synthetic"}, "train_steps": [4]})
+    spec = StudentSpec(arch="resnet8x4", num_classes=100, channels=3, size=(32, 32), mean=(0.507, 0.487, 0.441),
+                       std=(0.267, 0.256, 0.276), encoder="conv", default_steps=4)
+    model = build_student(spec).eval()  # the one builder, as every artifact's model is made
+    return save_artifact(path, model, spec_of(model).to_json(),
+                         {"method": "fmkt", "dataset": {"name": "synthetic"}, "train_steps": [4]})
 
 
 def tf32_check(artifact: Path) -> dict:

@@ -130,3 +130,64 @@ def test_feature_transfer_and_teacher_free_methods():
         fmkt.FMKT(custom_nets.small_cnn(), None, images, method="ofmkt", nope=1)
     with pytest.raises(FmktError, match="teacher gives 10 logits but the student 7"):
         fmkt.FMKT(custom_nets.small_cnn(num_classes=7), custom_nets.teacher_cnn(10, 1), images)
+
+
+def test_the_api_imports_neither_the_engine_nor_the_cli_root():
+    """fmkt.api sits on fmkt.step and fmkt.loop: importing it loads neither the engine (rich, checkpoints, logs)
+    nor fmkt.commands (the CLI's composition root)."""
+    import subprocess
+
+    code = ("import sys, fmkt.api; print(sorted(m for m in ('fmkt.engine', 'fmkt.commands', 'fmkt.checkpoint', "
+            "'fmkt.logs', 'rich') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_fit_runs_the_engines_epoch_loop(monkeypatch):
+    """FMKT.fit is fmkt.loop.run_epoch (the engine's loop) around fmkt.capture.make_step's step: the same records
+    and weights as a plain loop of fmkt.step.train_step summing each step's losses, the last step's losses kept,
+    fast_path=auto off CUDA the same eager step, and the engine's sentence for a NaN loss."""
+    import fmkt.api as api
+    from fmkt.config import Config
+    from fmkt.meter import epoch_record
+    from fmkt.optim import build_optimizer, build_scheduler, epoch_lr
+    from fmkt.step import train_step
+
+    train, _ = _loaders(96)
+    loader = DataLoader(train.dataset, 32)  # unshuffled: both runs see the same batches
+
+    def build():
+        torch.manual_seed(0)
+        return fmkt.FMKT(custom_nets.small_cnn(), custom_nets.teacher_cnn(10, 1), next(iter(loader)), train_steps=2)
+
+    epochs_run = []
+    real = api.run_epoch
+    monkeypatch.setattr(api, "run_epoch", lambda *a, **k: epochs_run.append(a[2]) or real(*a, **k))
+    fm, ref = build(), build()
+    history = fm.fit(loader, epochs=2, log=None, fast_path="auto")
+    assert epochs_run == [0, 1]
+    cfg = Config()
+    cfg.train.epochs = 2
+    opt = build_optimizer(cfg, ref.parameters())
+    sched, iters, expected = build_scheduler(cfg, opt, len(loader)), len(loader), []
+    for epoch in range(2):
+        ref.train()
+        sums, seen = {}, 0
+        for step, (x, y) in enumerate(loader):
+            losses = train_step(ref.distiller, opt, sched, x, y, epoch + step / iters)
+            last = {k: float(v.detach()) for k, v in losses.items()}
+            sums = {k: sums.get(k, 0.0) + v * len(y) for k, v in last.items()}
+            seen += len(y)
+        expected.append(epoch_record(epoch, epoch_lr(cfg, epoch, iters), sums, seen, 1.0))
+    times = ("epoch_seconds", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in times} for r in history] == \
+        [{k: v for k, v in r.items() if k not in times} for r in expected]
+    assert fm.last_losses == last
+    for a, b in zip(fm.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(fm.distiller, "forward_train",
+                        lambda images, labels, progress=0.0: (None, {"loss_kd": images.sum() * float("nan")}))
+    with pytest.raises(FmktError, match="before any weight update"):
+        fm.fit(loader, epochs=1, log=None)
+    with pytest.raises(FmktError, match="unknown fast_path 'fast'"):
+        fm.fit(loader, epochs=1, log=None, fast_path="fast")

@@ -316,3 +316,22 @@ def test_debug_shows_the_traceback(tmp_path):
     result = runner.invoke(app, ["eval", str(tmp_path / "nope"), "--debug"])
     assert result.exit_code != 0
     assert type(result.exception).__name__ == "FmktError"
+
+
+def test_first_line_is_the_one_way_to_put_an_exception_in_a_sentence():
+    """fmkt.errors.first_line: "Type: the first line" (stripped, cut at limit), "Type" for an empty message, the line
+    alone with with_type=False; no product module splits an exception's text by hand again."""
+    import re
+
+    from fmkt.errors import first_line
+
+    exc = ValueError("\n  bad value here.\nsecond line")
+    assert first_line(exc) == "ValueError: bad value here."
+    assert first_line(exc, 3) == "ValueError: bad" and first_line(exc, None, with_type=False) == "bad value here."
+    assert first_line(RuntimeError()) == "RuntimeError" and first_line(RuntimeError(""), with_type=False) == ""
+    root = Path(__file__).resolve().parents[1]
+    copy = re.compile(r"str\(\w+\)(\.strip\(\))?\.(splitlines\(\)|split\(.\\n.\))\[0\]"
+                      r"|str\(exc\)\.strip\(\)\.splitlines")
+    hits = [str(p.relative_to(root)) for d in ("fmkt", "cli", "export", "bench", "kernels")
+            for p in (root / d).rglob("*.py") if copy.search(p.read_text()) and p.name != "errors.py"]
+    assert hits == [], hits

@@ -7,11 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fmkt.artifact import model_spec, save_artifact
+from fmkt.artifact import save_artifact
 from fmkt.bench import BenchSettings, Row, _ratios, percentiles, run_bench
 from fmkt.cli.app import app
-from fmkt.models import create_model
-from fmkt.student import DeployableModel
+from fmkt.student import StudentSpec, build_student, spec_of
 
 runner = CliRunner()
 METRICS = {"last": {"0": 80.0, "1": 81.5, "2": 82.25}, "best": {"0": 80.0, "1": 81.5, "2": 82.25}}
@@ -19,9 +18,9 @@ METRICS = {"last": {"0": 80.0, "1": 81.5, "2": 82.25}, "best": {"0": 80.0, "1": 
 
 def make_artifact(path, *, theta=True, encoder="conv", metrics=METRICS, method="theta"):
     torch.manual_seed(0)
-    backbone = create_model("resnet8", num_classes=10, in_channels=1)
-    model = DeployableModel(backbone, [0.5], [0.25], encoder=encoder, theta_head=theta)
-    spec = model_spec(model, "resnet8", 1, (8, 8), encoder)
+    model = build_student(StudentSpec(arch="resnet8", num_classes=10, channels=1, size=(8, 8), mean=(0.5,),
+                                      std=(0.25,), encoder=encoder, theta_head=theta))
+    spec = spec_of(model).to_json()
     info = {"method": method, "dataset": {"name": "synthetic", "num_classes": 10}, "metrics": metrics}
     return save_artifact(path, model, spec, info)
 

@@ -374,7 +374,7 @@ def test_make_step_refuses_an_optimizer_a_graph_would_freeze():
     cfg, d, _, _ = _distiller("kd", CPU)
     opt = build_optimizer(cfg, d.parameters(), device_lr=False)
     printed = []
-    run = SimpleNamespace(model=d, optimizer=opt, scheduler=build_scheduler(cfg, opt, ITERS), amp=False,
+    run = SimpleNamespace(model=d, optimizer=opt, scheduler=build_scheduler(cfg, opt, ITERS), amp=False, cfg=cfg,
                           console=SimpleNamespace(print=lambda line, **kw: printed.append(line)))
     plan = capture_module.FastPath(True, True, "")
     assert type(make_step(run, plan)) is EagerStep and "Python number" in printed[0]

@@ -1,11 +1,14 @@
 """The CLI end to end on tiny settings: train, distill (each method), eval, resume, info, errors."""
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from fmkt.cli.app import app
+from fmkt.names import ENCODER_NAMES, LOSS_NAMES, METHOD_NAMES, SCHEDULE_NAMES
 
 runner = CliRunner()
 TINY = ["--set", "data.train_subset=96", "--set", "data.test_subset=48", "--batch-size", "32",
@@ -26,6 +29,21 @@ def test_help_is_fast_and_lists_commands():
     assert result.exit_code == 0
     for cmd in ("train", "distill", "eval", "info"):
         assert cmd in result.output
+
+
+def test_distill_help_names_the_choices_without_importing_torch():
+    """A user reads --help first: `fmkt-cli distill --help` names every method, loss, encoder and schedule (fmkt.names,
+    held equal to the registries by tests/test_registries.py), and prints them without importing torch."""
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom fmkt.cli.app import app\n"
+            "result = CliRunner().invoke(app, ['distill', '--help'])\nprint(result.output)\n"
+            "print('torch imported:', 'torch' in sys.modules)\nsys.exit(result.exit_code)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torch imported: False" in proc.stdout
+    text = " ".join(proc.stdout.replace("\u2502", " ").split())  # the help's box border out, its wrapping undone
+    for option, names in [("--method", METHOD_NAMES), ("--loss", LOSS_NAMES), ("--encoder", ENCODER_NAMES),
+                          ("--schedule", SCHEDULE_NAMES)]:
+        assert option in text and " | ".join(names) in text, (option, text)
 
 
 def test_train_writes_artifact_metrics_and_config(tmp_path):

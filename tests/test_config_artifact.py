@@ -6,7 +6,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from fmkt.artifact import build_model, load_artifact, model_spec, save_artifact
+from fmkt.artifact import build_model, load_artifact, save_artifact
 from fmkt.commands import configure
 from fmkt.config import Config, build_config, parse_set, recipe_names
 from fmkt.errors import FmktError
@@ -65,6 +65,8 @@ def test_shipped_recipes_parse_and_validate():
     for name in names:
         if build_config(name).data.name == "imagefolder":  # needs --data-dir: test_recipes.py gives it a folder
             continue
+        if build_config(name).task == "detection":  # needs a COCO --data-dir: tests/test_detection_run.py gives one
+            continue
         cfg = configure(name, [])
         assert isinstance(cfg, Config)
     paper = build_config("cifar100_resnet32x4_resnet8x4")
@@ -74,13 +76,13 @@ def test_shipped_recipes_parse_and_validate():
 
 def _flow_model(theta=True):
     torch.manual_seed(0)
-    return DeployableModel(create_model("resnet8", num_classes=4, in_channels=1), (0.3,), (0.4,),
-                           encoder="mlp", schedule="vp", theta_head=theta).eval()
+    return build_student(StudentSpec(arch="resnet8", num_classes=4, channels=1, size=(8, 8), mean=(0.3,),
+                                     std=(0.4,), encoder="mlp", schedule="vp", theta_head=theta)).eval()
 
 
 def test_artifact_roundtrip_and_tamper_check(tmp_path):
     model = _flow_model()
-    spec = model_spec(model, "resnet8", 1, (8, 8), "mlp")
+    spec = spec_of(model).to_json()
     path = save_artifact(tmp_path / "art", model, spec, {"method": "theta", "metrics": {"last": {"1": 50.0}}})
     meta = json.loads((path / "fmkt.json").read_text())
     assert meta["model"]["encoder"] == "mlp" and meta["model"]["schedule"] == "vp"
@@ -160,7 +162,7 @@ def test_teacher_bad_files(tmp_path):
 
 def test_build_model_from_spec_matches():
     model = _flow_model(theta=False)
-    spec = model_spec(model, "resnet8", 1, (8, 8), "mlp")
+    spec = spec_of(model).to_json()
     rebuilt = build_model(spec)
     assert set(rebuilt.state_dict()) == set(model.state_dict())
 
@@ -171,9 +173,10 @@ def test_reloaded_artifact_runs_like_the_trained_model(tmp_path, transfer):
     after a reload while the trained model ran K=N) and the transfer (logits average the step estimates,
     features pool the end state: a reload that ignored it would give other logits)."""
     torch.manual_seed(0)
-    model = DeployableModel(create_model("resnet8", num_classes=4, in_channels=1), (0.3,), (0.4,), encoder="conv",
-                            schedule="vp", theta_head=True, transfer=transfer, default_steps=4).eval()
-    spec = model_spec(model, "resnet8", 1, (8, 8), "conv")
+    model = build_student(StudentSpec(arch="resnet8", num_classes=4, channels=1, size=(8, 8), mean=(0.3,),
+                                      std=(0.4,), encoder="conv", schedule="vp", theta_head=True, transfer=transfer,
+                                      default_steps=4)).eval()
+    spec = spec_of(model).to_json()
     assert spec["default_steps"] == 4 and spec["transfer"] == transfer
     path = save_artifact(tmp_path / "art", model, spec, {"method": "theta", "train_steps": [4]})
     loaded, _ = load_artifact(path)
@@ -194,7 +197,7 @@ def test_artifact_without_default_steps_runs_its_last_training_n(tmp_path):
     """Artifacts written before fmkt.json recorded default_steps run the last training N, as the engine set it."""
     model = _flow_model(theta=False)
     model.default_steps = 8
-    spec = model_spec(model, "resnet8", 1, (8, 8), "mlp")
+    spec = spec_of(model).to_json()
     del spec["default_steps"]
     path = save_artifact(tmp_path / "old", model, spec, {"method": "fmkt", "train_steps": [1, 2, 8]})
     loaded, _ = load_artifact(path)
@@ -209,3 +212,27 @@ def test_on_and_off_stay_words_for_string_keys(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  fast_path: off\n")
     assert build_config(str(f), []).train.fast_path == "off"
+
+
+def test_eval_feeds_the_artifact_the_size_it_was_trained_at(tmp_path):
+    """An artifact trained on resized in-memory data (data.image_size) is evaluated on the same resized images:
+    `fmkt-cli eval` gives what the reloaded model gives on them (it used to feed the native 8 x 8 digits)."""
+    from typer.testing import CliRunner
+
+    from fmkt.cli.app import app
+    from fmkt.data import load_dataset
+
+    out = tmp_path / "run"
+    runner = CliRunner()
+    trained = runner.invoke(app, [str(a) for a in [
+        "distill", "--out", out, "--epochs", 1, "--set", "data.image_size=16", "--set", "data.train_subset=96",
+        "--batch-size", 32, "--set", "teacher.arch=resnet8", "--set", "teacher.epochs=1", "--set",
+        "method.train_steps=2", "--eval-steps", "1"]])
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(app, ["eval", str(out / "artifact"), "--steps", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    model, _ = load_artifact(out / "artifact")
+    _, test, _ = load_dataset("digits", image_size=16)
+    with torch.no_grad():
+        correct = (model.eval()(test.images, steps=1).argmax(1) == test.labels).float().mean().item()
+    assert json.loads(result.output)["top1"]["1"] == pytest.approx(100 * correct)

@@ -28,7 +28,7 @@ from fmkt.cli.app import app
 from fmkt.commands import _LATER_DATA_KEYS, check_method_names, configure
 from fmkt.config import Config, DataConfig, apply_overrides, build_config, recipe_names
 from fmkt.data.deit_aug import (ImageAugment, build_image_augment, check_augmentation, image_generator,
-                                pipeline_applies, repeated_indices, repeated_length, seeded_global_rngs)
+                                repeated_indices, repeated_length, seeded_global_rngs)
 from fmkt.distillers import METHODS, build_distiller
 from fmkt.distillers.published_deit import DEIT_PAIRS, FMKT_DEIT, PUBLISHED_DEIT
 from fmkt.errors import FmktError
@@ -156,8 +156,7 @@ def _tiny_vit_overrides(tmp_path) -> list:
 
     folder = make_image_folder(tmp_path / "folder", train_per_class=2, val_per_class=1)
     vit = {"img_size": 32, "patch_size": 4}
-    off = {} if pipeline_applies() else {"augment_policy": None, "reprob": 0.0}
-    return [{"data": {"dir": str(folder), "image_size": 32, **off}, "student_kwargs": vit,
+    return [{"data": {"dir": str(folder), "image_size": 32}, "student_kwargs": vit,
              "teacher": {"kwargs": vit}}]
 
 
@@ -173,15 +172,6 @@ def test_deit_recipes_load_and_validate(name, tmp_path, monkeypatch):
     recipe = build_config(name)  # as shipped: 224 x 224, the per-image keys on
     assert (recipe.data.image_size, recipe.data.augment_policy, recipe.data.reprob) == \
         (224, "rand-m9-mstd0.5-inc1", 0.25)
-
-
-@pytest.mark.skipif(pipeline_applies(), reason="the image-folder pipeline applies the per-image keys")
-def test_per_image_keys_are_refused_until_the_folder_pipeline_applies_them(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    overrides = _tiny_vit_overrides(tmp_path)
-    overrides[0]["data"].update(augment_policy="rand-m9-mstd0.5-inc1", reprob=0.25)
-    with pytest.raises(FmktError, match="does not apply .* yet .*fmkt.data.deit_aug"):
-        configure(DEIT_RECIPES[0], overrides)
 
 
 def test_per_image_keys_are_checked():

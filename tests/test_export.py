@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from fmkt.artifact import model_spec, save_artifact  # noqa: E402
+from fmkt.artifact import save_artifact  # noqa: E402
 from fmkt.cli.app import app  # noqa: E402
 from fmkt.errors import FmktError  # noqa: E402
 from fmkt.export import GATES, run_export, static_module  # noqa: E402
@@ -20,7 +20,7 @@ from fmkt.export.pipeline import parse_batch  # noqa: E402
 from fmkt.export.trt_operators import SUPPORTED_OPS  # noqa: E402
 from fmkt.files import sha256_file  # noqa: E402
 from fmkt.models import create_model  # noqa: E402
-from fmkt.student import DeployableModel  # noqa: E402
+from fmkt.student import DeployableModel, StudentSpec, build_student, spec_of  # noqa: E402
 
 KS = (0, 1, 2, 4, 8)
 SIZE = 12  # resnet8 on 12x12 -> a 3x3 map; the transformer's window 2 then pads, so the masked path is exported
@@ -30,9 +30,9 @@ ENCODER_PARAMS = {"conv": {}, "dwconv": {}, "mlp": {},
 
 def tiny_model(encoder="conv", schedule="rectified", theta=True, transfer="logits", seed=0):
     torch.manual_seed(seed)
-    backbone = create_model("resnet8", num_classes=4, in_channels=1)
-    model = DeployableModel(backbone, [0.3], [0.4], encoder=encoder, schedule=schedule, theta_head=theta,
-                            transfer=transfer, encoder_kwargs=ENCODER_PARAMS.get(encoder) or {})
+    model = build_student(StudentSpec(arch="resnet8", num_classes=4, channels=1, size=(SIZE, SIZE), mean=(0.3,),
+                                      std=(0.4,), encoder=encoder, encoder_params=ENCODER_PARAMS.get(encoder) or {},
+                                      schedule=schedule, theta_head=theta, transfer=transfer))
     with torch.no_grad():  # non-trivial BN statistics, so normalisation and BN folding are exercised
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -41,9 +41,8 @@ def tiny_model(encoder="conv", schedule="rectified", theta=True, transfer="logit
     return model.eval()
 
 
-def save_tiny(path, model, encoder, method="theta", dataset="none-such"):
-    spec = model_spec(model, "resnet8", 1, (SIZE, SIZE), encoder, ENCODER_PARAMS.get(encoder) or {})
-    return save_artifact(path, model, spec, {"method": method, "dataset": {"name": dataset}})
+def save_tiny(path, model, method="theta", dataset="none-such"):
+    return save_artifact(path, model, spec_of(model).to_json(), {"method": method, "dataset": {"name": dataset}})
 
 
 def onnx_graph(model, steps):
@@ -139,7 +138,7 @@ def test_k0_needs_theta_head():
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("art") / "artifact", tiny_model("mlp", "vp"), "mlp")
+    return save_tiny(tmp_path_factory.mktemp("art") / "artifact", tiny_model("mlp", "vp"))
 
 
 runner = CliRunner()
@@ -298,7 +297,7 @@ def test_parse_batch_and_parity_images_from_the_dataset():
 def test_aoti_round_trip(tmp_path):
     """torch.export + AOTInductor package on CPU (about 30-60 s of compile on 2 cores)."""
     model = tiny_model("conv", "rectified", theta=False)
-    art = save_tiny(tmp_path / "artifact", model, "conv", method="fmkt")
+    art = save_tiny(tmp_path / "artifact", model, method="fmkt")
     result = run_export(art, 1, "aoti", batch="1:4:8", device="cpu")
     result.raise_for_status()
     package = result.out / "model.pt2"

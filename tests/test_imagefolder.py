@@ -400,6 +400,8 @@ def test_distill_eval_and_export_from_a_folder(folder, tmp_path, one_thread):
     exported = cli("export", out / "artifact", "--steps", 1, "--out", tmp_path / "x")
     assert exported.exit_code == 0, exported.output
     assert (tmp_path / "x" / "model.onnx").is_file()
+    report = json.loads((tmp_path / "x" / "parity.json").read_text())["reports"][0]  # the folder's own val images
+    assert report["data"].startswith(f"imagefolder test split of {folder.resolve()}, first ") and report["passed"]
 
 
 def test_fmkt_json_counts_the_validation_images_evaluated(tmp_path, one_thread):

@@ -2,23 +2,38 @@
 
 - Data flows one way: nothing in the core (fmkt/) imports fmkt.export, fmkt.bench or fmkt.cli, except the one lazy
   public name fmkt.export_artifact (fmkt/api.py); export/ and bench/ never import the training engine.
-- One builder: DeployableModel( is called in one place outside the tests (fmkt.student.build_student).
+- Stage order as DESIGN.md draws it: the stages are read from its diagram ("Data flows one way"), and a module of a
+  stage imports only its own and earlier stages (the one stated exception: the engine's finish writes the artifact);
+  the flow's sampler, encoders and schedules, then the deployable student, come before the distiller and its
+  losses; kernels import nothing from the engine on. Every core module is placed in the diagram, and every path it
+  names exists.
+- One builder: DeployableModel( is called in one place outside the tests (fmkt.student.build_student), also counting
+  benchmarks/, examples/ and scripts/.
 - Small pieces: no function outside kernels/ longer than 60 lines; no product file over 350 lines except the
-  model zoo's files.
+  model zoo's files; the same limits for scripts/ and benchmarks/.
 """
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCT = ("fmkt", "export", "bench", "cli", "kernels")
+TOOLS = ("scripts", "benchmarks")  # not the product, held to its size limits and its one builder
 ALLOWED_UPSTREAM = {("fmkt/api.py", "fmkt.export")}  # export_artifact: the stated lazy exception (DESIGN.md)
+# DESIGN.md: "The one import down the flow is the engine's finish writing the artifact with fmkt/artifact.py's own
+# writer" (the format's writer beside its reader)
+WRITES_DOWN = {("fmkt.engine", "fmkt.artifact")}
+
+
+def py_files(folder: str) -> list[Path]:
+    d = ROOT / folder
+    return [p for p in sorted(d.rglob("*.py")) if "__pycache__" not in p.parts] if d.is_dir() else []
 
 
 def product_files():
-    return [p for d in PRODUCT if (ROOT / d).is_dir() for p in sorted((ROOT / d).rglob("*.py"))
-            if "__pycache__" not in p.parts]
+    return [p for d in PRODUCT for p in py_files(d)]
 
 
 def rel(p: Path) -> str:
@@ -50,20 +65,107 @@ def test_imports_flow_one_way():
     assert bad == []
 
 
-def test_one_builder_of_the_deployable_model():
-    calls = []
-    for d in PRODUCT + ("benchmarks", "examples"):
-        for p in sorted((ROOT / d).rglob("*.py")) if (ROOT / d).is_dir() else []:
-            for node in ast.walk(ast.parse(p.read_text())):
-                if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == \
-                        "DeployableModel":
-                    calls.append(f"{rel(p)}:{node.lineno}")
-    assert len(calls) == 1 and calls[0].startswith("fmkt/student.py"), calls
+# ------------------------------------------------------------------------------------------- the diagram's stages
+def design_diagram() -> list[str]:
+    """The non-empty lines of DESIGN.md's "Data flows one way" diagram."""
+    text = (ROOT / "DESIGN.md").read_text()
+    block = text.split("## Data flows one way", 1)[1].split("```")[1]
+    return [line for line in block.splitlines() if line.strip()]
 
 
-def test_functions_are_short_and_files_small():
-    long_functions, big_files = [], []
+def design_stages() -> list[list[str]]:
+    """The diagram's stages in order, each as its modules (dotted names): its first line and every ``->`` line open
+    a stage, indented lines continue it, and the unindented lines after the stages are side modules (the
+    composition root, runtime, the API, ...: not stages). Modules: ``fmkt/x.py`` or ``fmkt/x/``, and ``dir/  ->
+    fmkt.x`` (export/, bench/)."""
+    stages = []
+    for i, line in enumerate(design_diagram()):
+        if i and not line.lstrip().startswith("->") and not line.startswith(" "):
+            break
+        if i == 0 or line.lstrip().startswith("->"):
+            stages.append([])
+        stages[-1] += ["fmkt." + m.replace("/", ".") for m in re.findall(r"\bfmkt/(\w+(?:/\w+)*)(?:\.py\b|/)", line)]
+        stages[-1] += re.findall(r"\b\w+/\s+->\s+(fmkt\.\w+)", line)
+    return stages
+
+
+def module_of(path: Path) -> str:
+    """The dotted module of a product file (export/, bench/, cli/, kernels/ are installed as fmkt.export, ...)."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = parts if parts[0] == "fmkt" else ["fmkt"] + parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def stage_of(module: str, stages: list[list[str]]) -> int | None:
+    return next((i for i, mods in enumerate(stages) for m in mods if module == m or module.startswith(m + ".")),
+                None)
+
+
+def test_the_diagram_draws_flow_then_the_student_upstream_of_the_distiller():
+    stages = design_stages()
+    assert all(stages) and len(stages) >= 8, stages
+    at = {m: stage_of(m, stages) for m in ("fmkt.config", "fmkt.data", "fmkt.models", "fmkt.flow", "fmkt.student",
+                                           "fmkt.losses", "fmkt.distillers", "fmkt.engine", "fmkt.step",
+                                           "fmkt.capture", "fmkt.artifact", "fmkt.export", "fmkt.bench")}
+    assert at["fmkt.config"] == 0 and at["fmkt.data"] == at["fmkt.models"] == 1, at
+    assert at["fmkt.flow"] < at["fmkt.student"] < at["fmkt.distillers"] == at["fmkt.losses"] < at["fmkt.engine"], at
+    assert at["fmkt.engine"] == at["fmkt.step"] == at["fmkt.capture"] < at["fmkt.artifact"] < at["fmkt.export"] \
+        < at["fmkt.bench"] == len(stages) - 1, at
+
+
+def test_a_stage_imports_only_its_own_and_earlier_stages():
+    """A module of a later stage is never imported by an earlier stage (e.g. fmkt/student.py imports no loss,
+    distiller or engine part; a distiller no engine part); the side modules (commands, api, teacher, ...) are
+    not stages. Kernels import nothing of the engine's stage or later."""
+    stages = design_stages()
+    engine = stage_of("fmkt.engine", stages)
+    bad = []
     for p in product_files():
+        module = module_of(p)
+        here = stage_of(module, stages)
+        for name in sorted(imports(ast.parse(p.read_text()))):
+            there = stage_of(name, stages)
+            if there is None or any(module == a and (name == b or name.startswith(b + ".")) for a, b in WRITES_DOWN):
+                continue
+            if here is not None and there > here:
+                bad.append(f"{rel(p)} (stage {here}: {stages[here][0]}) imports {name} (stage {there})")
+            if module.startswith("fmkt.kernels") and there >= engine:
+                bad.append(f"{rel(p)} (kernels) imports {name} (the engine's stage or later)")
+    assert bad == []
+
+
+def test_design_places_every_core_module_and_names_only_existing_ones():
+    """Each module and package of fmkt/ appears in the diagram (a stage or a side module), and each fmkt/ path the
+    diagram names exists: a new module is drawn where it belongs, a removed one leaves the page."""
+    text = "\n".join(design_diagram())
+    named = set(re.findall(r"\b(\w+)\.py\b", text)) | {f"{m}/" for m in re.findall(r"\bfmkt/(\w+)/", text)}
+    core = [p.stem for p in (ROOT / "fmkt").glob("*.py") if p.stem != "__init__"]
+    core += [f"{p.name}/" for p in (ROOT / "fmkt").iterdir() if (p / "__init__.py").is_file()]
+    assert sorted(m for m in core if m not in named) == []
+    drawn = re.findall(r"\bfmkt/(\w+(?:/\w+)*(?:\.py\b|/))", text)
+    assert sorted(p for p in drawn if not (ROOT / "fmkt" / p).exists()) == []
+
+
+# ------------------------------------------------------------------------------------------- one builder, small pieces
+@pytest.mark.parametrize("folder", PRODUCT + ("benchmarks", "examples", "scripts"))
+def test_one_builder_of_the_deployable_model(folder):
+    """DeployableModel( is called once outside the tests: in fmkt/student.py (build_student); nowhere else."""
+    calls = []
+    for p in py_files(folder):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == \
+                    "DeployableModel":
+                calls.append(f"{rel(p)}:{node.lineno}")
+    if folder == "fmkt":
+        assert len(calls) == 1 and calls[0].startswith("fmkt/student.py"), calls
+    else:
+        assert calls == [], calls
+
+
+@pytest.mark.parametrize("folder", PRODUCT + TOOLS)
+def test_functions_are_short_and_files_small(folder):
+    long_functions, big_files = [], []
+    for p in py_files(folder):
         text = p.read_text()
         if not p.parts[len(ROOT.parts)] == "kernels":
             for node in ast.walk(ast.parse(text)):

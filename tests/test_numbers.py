@@ -308,15 +308,11 @@ def fake_bench(tmp_path, monkeypatch):
     """A theta artifact and bench's timing loop replaced by the SHAPE samples above."""
     import fmkt.bench as bench
     import fmkt.bench.report as report
-    from fmkt.artifact import model_spec
-    from fmkt.models import create_model
-    from fmkt.student import DeployableModel
-
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = DeployableModel(create_model("resnet8", num_classes=10, in_channels=1), [0.5], [0.25],
-                                encoder="conv", theta_head=True)
-    art = save_artifact(tmp_path / "artifact", model, model_spec(model, "resnet8", 1, (8, 8), "conv"),
+        model = build_student(StudentSpec(arch="resnet8", num_classes=10, channels=1, size=(8, 8), mean=(0.5,),
+                                          std=(0.25,), encoder="conv", theta_head=True))
+    art = save_artifact(tmp_path / "artifact", model, spec_of(model).to_json(),
                         {"method": "theta", "dataset": {"name": "synthetic", "num_classes": 10},
                          "metrics": {"last": LAST, "best": BEST}})
 

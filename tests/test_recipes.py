@@ -216,14 +216,6 @@ EXTRA = {"imagefolder": ["--set", "data.image_size=32", "--set", "data.workers=0
 VIT_32 = ["--set", "student_kwargs.img_size=32", "--set", "student_kwargs.patch_size=4"]  # a timm ViT at 32 x 32
 
 
-def per_image_off() -> list:
-    """The DeiT recipes' per-image augmentation turned off while the image-folder pipeline does not apply it yet
-    (fmkt.data.deit_aug.check_augmentation refuses it until then); nothing once it does."""
-    from fmkt.data.deit_aug import pipeline_applies
-
-    return [] if pipeline_applies() else ["--set", "data.augment_policy=", "--set", "data.reprob=0"]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """{dataset: (data dir or None, a resnet8 teacher's state-dict file)}, made once for every recipe."""
@@ -241,13 +233,15 @@ def test_every_shipped_recipe_runs(name, data, tmp_path):
     if name.startswith("imagenet_") and (_imagenet_missing() or "imagefolder" not in DATASETS):
         pytest.skip(f"{name}: {_imagenet_missing() or 'no tiny imagefolder in DATASETS to run it on yet'}")
     recipe = build_config(name)
+    if recipe.task == "detection":
+        pytest.skip(f"{name}: a detection recipe, run on a tiny COCO layout by tests/test_detection_run.py")
     assert recipe.data.name in DATASETS, f"recipe {name}: add a tiny {recipe.data.name} folder to DATASETS"
     data_dir, teacher = data[recipe.data.name]
     out = tmp_path / "run"
     args = ["distill", "--config", name, "--out", out, "--teacher", teacher, "--teacher-arch", "resnet8", *TINY]
     args += EXTRA.get(recipe.data.name, [])
     if recipe.student.startswith("timm:"):
-        args += VIT_32 + per_image_off()
+        args += VIT_32  # the per-image keys stay on (tests/test_deit_pipeline.py)
     result = runner.invoke(app, [str(a) for a in args + (["--data-dir", data_dir] if data_dir else [])])
     assert result.exit_code == 0, result.output
     resolved = yaml.safe_load((out / "config.yaml").read_text())

@@ -2,7 +2,8 @@
 
 Every method (fmkt.distillers.METHODS) trains one step with every metric loss (fmkt.losses.LOSSES); every
 encoder and schedule is trained in tests/test_flow.py from ENCODERS and SCHEDULES; the CLI, `info --models`,
-config checks and fmkt.json read these dicts, never a list of their own.
+config checks and fmkt.json read these dicts, never a list of their own (the one copy, fmkt/names.py's tuples for
+`--help`, which must not import torch, is held equal to them here).
 """
 import math
 
@@ -89,4 +90,16 @@ def test_names_are_listed_once():
     pattern = re.compile(r"""["']fmkt["']\s*,\s*["']theta["']|["']kd["']\s*,\s*["']dkd["']""")
     hits = [f"{p.relative_to(root)}" for d in ("fmkt", "export", "bench", "cli", "benchmarks") if (root / d).is_dir()
             for p in (root / d).rglob("*.py") if pattern.search(p.read_text())]
-    assert hits == [], hits
+    assert hits == ["fmkt/names.py"], hits  # the torch-free tuples for --help, held equal to the registries below
+
+
+def test_the_torch_free_name_tuples_are_the_registries_keys():
+    """fmkt.names (what `fmkt-cli distill --help` prints without importing torch) is each registry's keys, in order."""
+    from fmkt.flow.encoders import ENCODERS
+    from fmkt.flow.schedules import SCHEDULES
+    from fmkt.names import ENCODER_NAMES, LOSS_NAMES, METHOD_NAMES, SCHEDULE_NAMES
+
+    assert METHOD_NAMES == tuple(METHODS)
+    assert LOSS_NAMES == tuple(LOSSES)
+    assert ENCODER_NAMES == tuple(ENCODERS)
+    assert SCHEDULE_NAMES == tuple(SCHEDULES)

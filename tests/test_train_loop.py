@@ -161,7 +161,7 @@ def test_the_meter_reads_pending_steps_at_its_refresh(monkeypatch):
 def test_a_resumed_epoch_divides_the_images_it_trained_by_its_time(tmp_path, monkeypatch):
     """An epoch resumed from a mid-epoch checkpoint holds the sums of the steps before it, but its seconds are the
     resumed process's: images/s counts only the images trained in them (it counted the whole epoch's)."""
-    real = engine.checkpoint
+    real = engine.save_run
 
     class Killed(Exception):
         pass
@@ -172,10 +172,10 @@ def test_a_resumed_epoch_divides_the_images_it_trained_by_its_time(tmp_path, mon
             raise Killed
 
     cfg = tiny_config(tmp_path / "r", epochs=1, train=192, batch=16, train__checkpoint_every_steps=4)
-    monkeypatch.setattr(engine, "checkpoint", killed_after_the_first_mid_epoch_checkpoint)
+    monkeypatch.setattr(engine, "save_run", killed_after_the_first_mid_epoch_checkpoint)
     with pytest.raises(Killed):
         engine.fit(cfg)
-    monkeypatch.setattr(engine, "checkpoint", real)
+    monkeypatch.setattr(engine, "save_run", real)
     engine.fit(cfg, resume=True)
     (rec,) = records(tmp_path / "r")
     trained = 192 - 4 * 16
@@ -215,7 +215,7 @@ def test_a_captured_run_resumes_from_a_cpu_checkpoint(tmp_path, monkeypatch, emu
     """Epoch 1 trained by the eager CPU path (float LR) and checkpointed; the run then dies and resumes with the
     captured step (train.fast_path may change on resume). The graph is recorded with the LR as a tensor, so epoch 2
     trains at the decayed LR: read back from the weights by the LR test above, stated here by the records."""
-    real = engine.checkpoint
+    real = engine.save_run
 
     class Killed(Exception):
         pass
@@ -227,7 +227,7 @@ def test_a_captured_run_resumes_from_a_cpu_checkpoint(tmp_path, monkeypatch, emu
     cfg = tiny_config(tmp_path / "r", epochs=2, train=192, batch=16)
     with monkeypatch.context() as m:
         m.setattr(engine, "fast_path_plan", lambda *a, **k: FastPath(False, False, "eager"))
-        m.setattr(engine, "checkpoint", killed_after_epoch_one)
+        m.setattr(engine, "save_run", killed_after_epoch_one)
         with pytest.raises(Killed):
             engine.fit(cfg)
     lr = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]

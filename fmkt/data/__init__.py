@@ -1,6 +1,6 @@
 """Image datasets as in-memory tensors, tensor augmentation and a seeded batch loader.
 
-No torchvision: every dataset is parsed once into a uint8 array, cached in memory, and handed out
+Every in-memory dataset is parsed once into a uint8 array, cached in memory, and handed out
 as fresh float32 tensors in [0, 1] (raw, *not* normalised: the model wrappers normalise inside, so
 exported graphs take raw images).
 
@@ -17,12 +17,18 @@ Datasets: :data:`DATASET_SOURCES` below is the one list of names, read by :func:
 
 Any ``pkg.module:factory`` import path works wherever a name does (:mod:`fmkt.data.factory`).
 
-Modules: ``tensors`` (DatasetInfo, ImageTensors, checks), ``sources`` (what a registry entry holds),
-``digits`` / ``idx`` / ``cifar`` (one reader per file family), ``factory`` (import-path data),
-``loader`` (BatchLoader and :func:`augment_batch`, seeded with explicit ``torch.Generator`` objects,
-so the same seed and epoch always give the same batches), ``folder`` / ``transforms`` / ``workers`` (image
-folders: the file list, the transforms on tensors, the worker loader) and :func:`make_loader`, the one way the
-engine and evaluation get batches of either kind.
+One dataset interface (:class:`fmkt.data.split.Split`): every split, whatever its kind, says how long it is, how it is
+subset, split and sharded, where it lives (``resident``: in memory, movable to the GPU whole, or on the host), which
+loader batches it, what fmkt.json records of it and which images export parity feeds the exported graph; a registry
+entry names its kind (``DatasetSource.kind``), whose ``open`` / ``describe`` read it. The kinds: ``ImageTensors``
+(``tensors``) and ``ImageFolderSet`` (``folder``). A new kind is one ``Split`` subclass and its registry entries.
+
+Modules: ``split`` (the interface), ``tensors`` (DatasetInfo, ImageTensors, checks), ``sources`` (what a registry
+entry holds), ``digits`` / ``idx`` / ``cifar`` (one reader per file family), ``factory`` (import-path data),
+``loader`` (:class:`EpochSampler`, every loader's epoch/shuffle/shard/skip; BatchLoader and :func:`augment_batch`,
+seeded with explicit ``torch.Generator`` objects, so the same seed and epoch always give the same batches),
+``folder`` / ``transforms`` / ``workers`` (image folders: the file list, the transforms on tensors, the worker
+loader) and :func:`make_loader`, the one way the engine and evaluation get batches of any kind.
 """
 
 from __future__ import annotations
@@ -30,21 +36,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from pathlib import Path
-
-import numpy as np
-import torch
 
 from fmkt.data.cifar import CIFAR10_CLASSES, CIFAR10_RELEASE, CIFAR100_CLASSES, CIFAR100_RELEASE, read_cifar
+from fmkt.data.deit_aug import PerImage, per_image_options
 from fmkt.data.digits import DIGIT_CLASSES, DIGITS_MEAN, DIGITS_STD, read_digits
 from fmkt.data.factory import load_factory_data
-from fmkt.data.folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderSet, clear_folder_cache, folder_record, \
-    open_image_folder
+from fmkt.data.folder import FOLDER_SIZE, IMAGENET_MEAN, IMAGENET_STD, ImageFolderSet, clear_folder_cache
 from fmkt.data.idx import FASHION_CLASSES, read_idx, read_idx_folder
-from fmkt.data.loader import BatchLoader, augment_batch
+from fmkt.data.loader import BatchLoader, EpochSampler, augment_batch
 from fmkt.data.sources import DatasetSource
-from fmkt.data.tensors import DatasetInfo, ImageTensors, check_images, normalize
-from fmkt.data.workers import FolderLoader, make_loader, resident, shard
+from fmkt.data.split import Split
+from fmkt.data.tensors import DatasetInfo, ImageTensors, check_images, clear_tensor_cache, normalize, \
+    resize_split, sized_info
+from fmkt.data.workers import FolderLoader
 from fmkt.errors import FmktError
 from fmkt.import_paths import is_import_path
 
@@ -66,15 +70,14 @@ __all__ = [
     "normalize",
     "check_images",
     "BatchLoader",
+    "EpochSampler",
     "FolderLoader",
     "ImageFolderSet",
+    "Split",
     "make_loader",
-    "shard",
-    "resident",
-    "folder_record",
-    "check_split",
+    "recorded_splits",
     "data_options",
-    "is_folder",
+    "FOLDER_SIZE",
 ]
 
 _CIFAR_HINT = "extract the CIFAR-{n} python release (cifar-{n}-python.tar.gz) there or pass --data-dir"
@@ -109,7 +112,7 @@ DATASET_SOURCES: dict[str, DatasetSource] = {
     ),
     "imagefolder": DatasetSource(
         DatasetInfo("imagefolder", 0, 3, (224, 224), IMAGENET_MEAN, IMAGENET_STD, 0, True),
-        "image folder", None, opener=open_image_folder,
+        "image folder", None, kind=ImageFolderSet,
     ),
 }
 
@@ -135,15 +138,11 @@ def _canonical(name: str) -> str:
     return key
 
 
-def is_folder(name: str) -> bool:
-    """Whether ``name`` is a dataset read file by file as it trains (an image folder), not held in memory."""
-    return not is_import_path(name) and DATASET_SOURCES[_canonical(name)].opener is not None
-
-
 def data_options(data_cfg) -> dict:
     """The keyword options of :func:`dataset_info` / :func:`load_dataset` a config's data section sets."""
     return {"image_size": data_cfg.image_size, "workers": data_cfg.workers, "decode": data_cfg.decode,
-            "mean": tuple(data_cfg.mean) or None, "std": tuple(data_cfg.std) or None}
+            "mean": tuple(data_cfg.mean) or None, "std": tuple(data_cfg.std) or None,
+            "per_image": per_image_options(data_cfg)}
 
 
 def _with_stats(info: DatasetInfo, mean, std) -> DatasetInfo:
@@ -157,89 +156,48 @@ def _with_stats(info: DatasetInfo, mean, std) -> DatasetInfo:
 
 
 def dataset_info(name: str, data_dir: str | os.PathLike | None = None, *, image_size: int | None = None,
-                 workers: int | None = None, mean=None, std=None, decode: str = "cpu") -> DatasetInfo:
+                 workers: int | None = None, mean=None, std=None, decode: str = "cpu", per_image=None) -> DatasetInfo:
     """The :class:`DatasetInfo` of ``name`` (case-insensitive, ``_`` and ``-`` alike); ``mean``/``std`` replace
     the dataset's statistics; ``image_size``: an image folder's crop side (None: 224), or the side in-memory
     images are resized to (None: their own).
 
-    For an import path ``pkg.module:factory`` the facts come from the data (loaded once and cached); for an image
-    folder from its class folders (scanned once and cached).
+    For an import path ``pkg.module:factory`` the facts come from the data (loaded once and cached); for a registered
+    name from its kind's :meth:`Split.describe` (an image folder's from its class folders, scanned once and cached).
     """
     if is_import_path(name):
-        info = load_factory_data(name, None if data_dir is None else str(data_dir))[2]
-    elif is_folder(name):
-        info = DATASET_SOURCES[_canonical(name)].opener(data_dir, image_size=image_size or FOLDER_SIZE,
-                                                        workers=workers)[2]
+        info = sized_info(load_factory_data(name, None if data_dir is None else str(data_dir))[2], image_size)
     else:
-        info = DATASET_SOURCES[_canonical(name)].info
-    return _with_stats(_sized_info(info, image_size, is_folder(name)), mean, std)
-
-
-FOLDER_SIZE = 224  # an image folder's crop side when data.image_size is not set
-
-
-def _sized_info(info: DatasetInfo, size: int | None, folder: bool) -> DatasetInfo:
-    """``info`` of in-memory data resized to ``size`` x ``size`` (its crop padding scaled with it)."""
-    if folder or size is None or tuple(info.image_size) == (size, size):
-        return info
-    pad = int(round(info.crop_padding * size / info.image_size[0]))
-    return dataclasses.replace(info, image_size=(size, size), crop_padding=pad)
-
-
-def resize_split(split: ImageTensors, size: int | None) -> ImageTensors:
-    """An in-memory split resized once to ``size`` x ``size`` with torchvision (bilinear, antialiased), values kept
-    in [0, 1]; unchanged when ``size`` is None or already its size."""
-    if size is None or tuple(split.images.shape[-2:]) == (size, size):
-        return split
-    from torchvision.transforms.v2 import functional as TF
-
-    images = TF.resize(split.images, [size, size], antialias=True).clamp_(0.0, 1.0)
-    return ImageTensors(images.contiguous(), split.labels)
-
-
-@functools.lru_cache(maxsize=4)
-def _load_cached(name: str, folder: str | None) -> tuple[tuple[np.ndarray, ...], float]:
-    """The registered reader's arrays (read-only) and the divisor that maps the images to [0, 1]."""
-    source = DATASET_SOURCES[name]
-    arrays = source.read(source, None if folder is None else Path(folder))
-    frozen = []
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        a.setflags(write=False)
-        frozen.append(a)
-    return tuple(frozen), source.scale
+        source = DATASET_SOURCES[_canonical(name)]
+        info = source.kind.describe(source, data_dir, image_size=image_size, workers=workers)
+    return _with_stats(info, mean, std)
 
 
 def clear_cache() -> None:
     """Forget the parsed registered datasets held in memory and the scanned image folders (import-path data stays
     cached)."""
-    _load_cached.cache_clear()
+    clear_tensor_cache()
     clear_folder_cache()
 
 
-def check_split(data, info: DatasetInfo) -> None:
-    """An in-memory split's images checked (:func:`check_images`); an image folder's files were checked when it
-    was opened, and a file that fails to decode later is skipped."""
-    if isinstance(data, ImageTensors):
-        check_images(data.images, info.in_channels)
-
-
-def _to_tensors(images: np.ndarray, labels: np.ndarray, scale: float) -> ImageTensors:
-    # torch.from_numpy would share (read-only) memory; the float conversion makes a fresh
-    # tensor, so callers can never corrupt the cache.
-    img = torch.from_numpy(images.astype(np.float32)).div_(scale)
-    lab = torch.from_numpy(labels.astype(np.int64, copy=True))
-    return ImageTensors(img, lab)
+def make_loader(data: Split, batch_size: int, shuffle: bool = False, augment_info=None, seed: int = 0,
+                drop_last: bool = False, rank: int = 0, world_size: int = 1, device=None):
+    """The loader of ``data``, whatever its kind (:meth:`Split.loader`: a :class:`BatchLoader` for
+    :class:`ImageTensors`, a :class:`FolderLoader` for an image folder); augmentation on when ``augment_info`` is
+    given."""
+    return data.loader(batch_size, shuffle=shuffle, augment_info=augment_info, seed=seed, drop_last=drop_last,
+                       rank=rank, world_size=world_size, device=device)
 
 
 def load_dataset(
     name: str, data_dir: str | os.PathLike | None = None, *, image_size: int | None = None, workers: int | None = None,
-    mean=None, std=None, decode: str = "cpu",
+    mean=None, std=None, decode: str = "cpu", per_image: PerImage | None = None,
 ) -> tuple[ImageTensors, ImageTensors, DatasetInfo]:
     """Load ``name`` as ``(train, test, info)``; ``name`` may be an import path ``pkg.module:factory`` (see
     :func:`fmkt.data.factory.load_factory_data`). ``imagefolder`` gives two :class:`ImageFolderSet` (file lists,
     decoded at ``image_size`` by ``workers`` DataLoader processes) instead; in-memory data is resized to
-    ``image_size`` when given (:func:`resize_split`); ``mean``/``std`` as in :func:`dataset_info`.
+    ``image_size`` when given (:func:`resize_split`); ``mean``/``std`` as in :func:`dataset_info`; ``per_image``:
+    an image folder's DeiT augmentation (:class:`fmkt.data.deit_aug.PerImage`, None: off), which its training
+    loader applies.
 
     ``data_dir`` defaults to :data:`DEFAULT_DATA_DIRS`; for ``cifar10``/``cifar100`` it may be the
     release folder itself (``cifar-10-batches-py``) or its parent; ``digits`` ignores it.
@@ -251,17 +209,25 @@ def load_dataset(
         train, test, info = load_factory_data(name, None if data_dir is None else str(data_dir))
         return (resize_split(ImageTensors(train.images.clone(), train.labels.clone()), image_size),
                 resize_split(ImageTensors(test.images.clone(), test.labels.clone()), image_size),
-                _with_stats(_sized_info(info, image_size, False), mean, std))
-    key = _canonical(name)
-    source = DATASET_SOURCES[key]
-    if source.opener is not None:
-        train, test, info = source.opener(data_dir, image_size=image_size or FOLDER_SIZE, workers=workers,
-                                          decode=decode)
-        return train, test, _with_stats(info, mean, std)
-    folder: str | None = None
-    if source.default_dir is not None:
-        folder = str(Path(data_dir if data_dir is not None else source.default_dir).expanduser().resolve())
-    (tr_x, tr_y, te_x, te_y), scale = _load_cached(key, folder)
-    return (resize_split(_to_tensors(tr_x, tr_y, scale), image_size),
-            resize_split(_to_tensors(te_x, te_y, scale), image_size),
-            _with_stats(_sized_info(source.info, image_size, False), mean, std))
+                _with_stats(sized_info(info, image_size), mean, std))
+    source = DATASET_SOURCES[_canonical(name)]
+    train, test, info = source.kind.open(source, data_dir, image_size=image_size, workers=workers, decode=decode,
+                                         per_image=per_image)
+    return train, test, _with_stats(info, mean, std)
+
+
+def recorded_splits(name: str, data_dir, size, recorded: dict) -> tuple[Split, Split, DatasetInfo]:
+    """``load_dataset`` of the data an artifact was trained on, as its fmkt.json records it (``recorded``: its
+    ``dataset``; {} for another dataset): read from ``data_dir``, else the folder it records (``dir``, an image
+    folder's), else the dataset's default; at the artifact's input ``size`` (H, W), square as ``data.image_size``
+    makes it (in-memory images resized, an image folder's crop side); the recorded class names, by name and order,
+    must be the data's."""
+    height, width = size
+    folder = data_dir or recorded.get("dir")
+    train, test, found = load_dataset(name, folder, image_size=height if height == width else None)
+    names = recorded.get("class_names")
+    if names and found.class_names is not None and list(found.class_names) != list(names):
+        where = name if folder is None else f"{name} at {folder}"
+        raise FmktError(f"the classes of {where} are not the {len(names)} classes the artifact was trained on (by "
+                        "name and order); evaluate on data with the same classes.")
+    return train, test, found

@@ -20,14 +20,17 @@ right after the training crop, ``image = augment(image, image_generator(seed, ep
 crop (the file actually decoded, ``j``, when a replacement took the item's place). With ``data.repeated_aug`` the
 epoch's items are :func:`repeated_indices`' (item, repeat) pairs and its length :func:`repeated_length`, and a
 copy ``repeat >= 1`` draws its crop from ``item_rng(seed, epoch, index, stream=REPEAT_STREAM + repeat)`` (copy 0:
-stream 0, as without repeats), so the copies differ. The loader then says so: ``per_image_augment = True`` on its
-class; until it does, :func:`check_augmentation` refuses these keys in one sentence rather than ignore them.
+stream 0, as without repeats), so the copies differ. ``FolderLoader`` does all this; :func:`check_augmentation`
+refuses these keys where nothing would apply them (without ``data.augment``, on in-memory data, with
+``data.decode=gpu``). The split carries the keys (:class:`PerImage`, set
+by ``fmkt.data.load_dataset``), the loader builds :class:`ImageAugment` in each worker.
 """
 from __future__ import annotations
 
 import math
 import random
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -122,8 +125,24 @@ class ImageAugment:
         return torch.where(x != before, back, image)
 
 
+@dataclass(frozen=True)
+class PerImage:
+    """An image folder's per-image keys as its loader needs them (the DataConfig's names), carried by the split."""
+
+    augment_policy: str | None = None
+    reprob: float = 0.0
+    repeated_aug: int = 0
+
+
+def per_image_options(data_cfg) -> PerImage | None:
+    """``data_cfg``'s per-image keys (a DataConfig), or None when all are off."""
+    if not any(getattr(data_cfg, k) for k in PER_IMAGE_KEYS):
+        return None
+    return PerImage(data_cfg.augment_policy or None, float(data_cfg.reprob), int(data_cfg.repeated_aug))
+
+
 def build_image_augment(data_cfg, size: int, mean, std) -> ImageAugment | None:
-    """The per-image augmentation ``data_cfg`` (a DataConfig) asks for at crop ``size``, or None when it asks for
+    """The per-image augmentation ``data_cfg`` (a DataConfig or a :class:`PerImage`) asks for at crop ``size``, or None when it asks for
     none (a default run calls nothing, so it stays bit-identical)."""
     if not data_cfg.augment_policy and not data_cfg.reprob:
         return None
@@ -159,17 +178,11 @@ def repeated_indices(n: int, repeats: int, seed: int, epoch: int, rank: int, wor
 
 
 # ------------------------------------------------------------------------------------------ the config check
-def pipeline_applies() -> bool:
-    """Whether the image-folder pipeline applies the per-image keys (its loader class says ``per_image_augment``)."""
-    from fmkt.data.workers import FolderLoader
-
-    return bool(getattr(FolderLoader, "per_image_augment", False))
-
-
 def check_augmentation(data_cfg) -> None:
     """One sentence if the per-image keys (``data.augment_policy``, ``data.reprob``, ``data.repeated_aug``) are set
     where nothing would apply them: without ``data.augment``, on in-memory data (they are the image-folder
-    pipeline's), or before that pipeline calls this module. A malformed policy string is refused here too."""
+    pipeline's), or with ``data.decode=gpu`` (they augment the CPU workers' crops). A malformed policy string is
+    refused here too."""
     on = [k for k in PER_IMAGE_KEYS if getattr(data_cfg, k)]
     if not on:
         return
@@ -182,7 +195,6 @@ def check_augmentation(data_cfg) -> None:
     if data_cfg.name != "imagefolder":
         raise FmktError(f"per-image augmentation ({keys}) applies to image folders (--data imagefolder) only; "
                         f"{data_cfg.name} keeps its own (data.mixup and data.cutmix work with every dataset).")
-    if not pipeline_applies():
-        raise FmktError(f"the image-folder pipeline does not apply {keys} yet (it does not call fmkt.data.deit_aug: "
-                        "see its docstring); unset them (--set data.augment_policy= --set data.reprob=0 --set "
-                        "data.repeated_aug=0) to train without them.")
+    if data_cfg.decode == "gpu":
+        raise FmktError(f"{keys} augment each decoded crop in the CPU workers, and data.decode=gpu decodes on the "
+                        "GPU; use data.decode=cpu with them.")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fmkt.data.tensors import DatasetInfo, ImageTensors
-from fmkt.errors import FmktError
+from fmkt.errors import FmktError, first_line
 from fmkt.import_paths import call_factory
 
 
@@ -64,7 +64,7 @@ def _stack_items(ds, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack(pics), torch.as_tensor([int(it[1]) for it in items], dtype=torch.int64)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise FmktError(f"{what} must yield (image, label) with images of one shape (C, H, W) and integer "
-                        f"labels ({str(exc).splitlines()[0][:120]}).") from None
+                        f"labels ({first_line(exc, 120, with_type=False)}).") from None
 
 
 def _split_tensors(ds, path: str, split: str) -> ImageTensors:

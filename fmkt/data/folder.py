@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmkt.data.tensors import DatasetInfo, stratified_indices
+from fmkt.data.split import Split
+from fmkt.data.tensors import DatasetInfo
 from fmkt.data.transforms import IMG_EXTENSIONS, decode_rgb, describe_error
+from fmkt.data.workers import FolderLoader
 from fmkt.errors import FmktError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,6 +34,7 @@ LAYOUT = "ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg (the ImageNet layout)"
 SPLITS = ("train", "val")
 PROBES = 8  # files per split opened up front: one must be an image
 FIRST = 5  # skipped files named in the log and in fmkt.json
+FOLDER_SIZE = 224  # the crop side when data.image_size is not set
 log = logging.getLogger("fmkt.data")
 
 
@@ -57,21 +60,20 @@ class SkippedFiles:
                             "(fmkt.json: dataset.skipped_files).")
 
 
-class ImageFolderSet:
-    """One split of an image folder (``part``: train or val): ``files`` (paths relative to ``root/part``, bytes) and
-    ``labels`` (int64 tensor); :meth:`subset`, :meth:`split` and :meth:`take` choose files as ImageTensors' methods
-    choose images.
+class ImageFolderSet(Split):
+    """One split of an image folder (``part``: train or val), a :class:`Split` kind that stays on the host: ``files``
+    (paths relative to ``root/part``, bytes) and ``labels`` (int64 tensor), decoded by its loader's DataLoader workers
+    (:class:`fmkt.data.workers.FolderLoader`).
     ``workers``: the DataLoader worker processes that decode it (None: :func:`fmkt.data.workers.default_workers`);
-    ``decode``: data.decode, where its JPEGs are decoded (cpu: in the workers; gpu: on the run's CUDA device)."""
+    ``decode``: data.decode, where its JPEGs are decoded (cpu: in the workers; gpu: on the run's CUDA device);
+    ``per_image``: DeiT's per-image augmentation (:class:`fmkt.data.deit_aug.PerImage`), which a training loader
+    applies (None: off)."""
 
     def __init__(self, root: str, part: str, files: np.ndarray, labels: torch.Tensor, size: int,
-                 workers: int | None = None, decode: str = "cpu") -> None:
+                 workers: int | None = None, decode: str = "cpu", per_image=None) -> None:
         self.root, self.part, self.files, self.labels = root, part, files, labels
-        self.size, self.workers, self.decode = int(size), workers, decode
+        self.size, self.workers, self.decode, self.per_image = int(size), workers, decode, per_image
         self.skipped = SkippedFiles()
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
     @property
     def folder(self) -> str:
@@ -84,28 +86,38 @@ class ImageFolderSet:
         """The files at ``indices`` (in that order), as a new split sharing this one's folder and settings."""
         idx = indices.numpy()
         return ImageFolderSet(self.root, self.part, self.files[idx], self.labels[indices], self.size, self.workers,
-                              self.decode)
+                              self.decode, self.per_image)
 
-    def subset(self, n: int, seed: int = 0) -> "ImageFolderSet":
-        """A seeded, class-stratified subset of ``n`` files (ImageTensors.subset's choice)."""
-        if n < 0:
-            raise FmktError(f"subset size {n} is negative: expected a count >= 0.")
-        if n >= len(self):
-            return self.take(torch.arange(len(self)))
-        return self.take(stratified_indices(self.labels, n, seed))
+    def loader(self, batch_size: int, *, shuffle: bool = False, augment_info=None, seed: int = 0,
+               drop_last: bool = False, rank: int = 0, world_size: int = 1, device=None) -> FolderLoader:
+        """A :class:`FolderLoader` (augmentation on when ``augment_info`` is given: its mean/std for DeiT's)."""
+        return FolderLoader(self, batch_size, shuffle=shuffle, augment=augment_info is not None, seed=seed,
+                            drop_last=drop_last, rank=rank, world_size=world_size, device=device, info=augment_info)
 
-    def split(self, n: int, seed: int = 0) -> tuple["ImageFolderSet", "ImageFolderSet"]:
-        """(the seeded stratified ``subset(n, seed)``, every other file)."""
-        if not 0 < n < len(self):
-            raise FmktError(f"cannot hold out {n} of {len(self)} images: expected 0 < n < {len(self)}.")
-        chosen = stratified_indices(self.labels, n, seed)
-        rest = torch.ones(len(self), dtype=torch.bool)
-        rest[chosen] = False
-        return self.take(chosen), self.take(torch.nonzero(rest).flatten())
+    def record(self, *others: "ImageFolderSet") -> dict:
+        """The folder, the crop side and the files skipped as unreadable in this split and ``others``."""
+        sets = [self, *others]
+        first = [p for s in sets for p in s.skipped.first][:FIRST]
+        return {"dir": self.root, "image_size": self.size,
+                "skipped_files": {"count": sum(s.skipped.count for s in sets), "first": first}}
 
-    def shard(self, rank: int, world: int) -> "ImageFolderSet":
-        """Files ``rank, rank + world, ...`` (a rank's share of an evaluation, no padding)."""
-        return self.take(torch.arange(rank, len(self), world))
+    def evaluation_record(self) -> dict:
+        """Also ``images_unreadable``: the files the evaluation left out (None when not evaluated in this process)."""
+        n = self.evaluated
+        return {"images_evaluated": n, "images_unreadable": None if n is None else len(self) - n}
+
+    def sample_inputs(self, n: int) -> torch.Tensor:
+        """The first ``n`` files with the evaluation transform, decoded here (no worker process)."""
+        first = self.take(torch.arange(min(max(n, 0), len(self))))
+        batches = [x for x, _ in FolderLoader(first, max(len(first), 1), workers=0)] if len(first) else []
+        return torch.cat(batches) if batches else torch.empty((0, 3, self.size, self.size))
+
+    @classmethod
+    def open(cls, source, data_dir, *, image_size: int | None = None, workers: int | None = None,
+             decode: str = "cpu", per_image=None) -> tuple["ImageFolderSet", "ImageFolderSet", DatasetInfo]:
+        """:func:`open_image_folder` at ``image_size`` (None: :data:`FOLDER_SIZE`)."""
+        return open_image_folder(data_dir, image_size=image_size or FOLDER_SIZE, workers=workers, decode=decode,
+                                 per_image=per_image)
 
 
 def _walk_class(folder: str) -> list[bytes]:
@@ -184,30 +196,22 @@ def _open(root: str) -> tuple:
     return tuple(scans[s][:3] for s in SPLITS)
 
 
-def open_image_folder(data_dir, image_size: int = 224, workers: int | None = None, decode: str = "cpu"):
+def open_image_folder(data_dir, image_size: int = 224, workers: int | None = None, decode: str = "cpu",
+                      per_image=None):
     """``(train, val, DatasetInfo)`` of the image folder ``data_dir`` at ``image_size`` (RGB; ImageNet's mean/std,
-    which :func:`fmkt.data.load_dataset` may override), its JPEGs decoded where ``decode`` says."""
+    which :func:`fmkt.data.load_dataset` may override), its JPEGs decoded where ``decode`` says, ``per_image`` the
+    training loader's DeiT augmentation."""
     if data_dir is None:
         raise FmktError(f"--data imagefolder needs --data-dir ROOT, the folder holding {LAYOUT}.")
     root = str(Path(data_dir).expanduser().resolve())
     (classes, tr_files, tr_labels), (_, va_files, va_labels) = _open(root)
     size = int(image_size)
     info = DatasetInfo("imagefolder", len(classes), 3, (size, size), IMAGENET_MEAN, IMAGENET_STD, 0, True, classes)
-    return (ImageFolderSet(root, "train", tr_files, torch.from_numpy(tr_labels.copy()), size, workers, decode),
+    return (ImageFolderSet(root, "train", tr_files, torch.from_numpy(tr_labels.copy()), size, workers, decode,
+                           per_image),
             ImageFolderSet(root, "val", va_files, torch.from_numpy(va_labels.copy()), size, workers, decode), info)
 
 
 def clear_folder_cache() -> None:
     _open.cache_clear()
     scan_split.cache_clear()
-
-
-def folder_record(*splits) -> dict:
-    """fmkt.json's dataset keys for image-folder splits: the folder, the size and the skipped files ({} for
-    in-memory data)."""
-    sets = [s for s in splits if isinstance(s, ImageFolderSet)]
-    if not sets:
-        return {}
-    first = [p for s in sets for p in s.skipped.first][:FIRST]
-    return {"dir": sets[0].root, "image_size": sets[0].size,
-            "skipped_files": {"count": sum(s.skipped.count for s in sets), "first": first}}

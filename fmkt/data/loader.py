@@ -1,18 +1,21 @@
-"""Seeded mini-batches: :class:`BatchLoader` (shuffling and sharding across ranks) and :func:`augment_batch`
-(random crop and flip on tensors), both drawing from explicit ``torch.Generator`` objects, so the same seed
-and epoch always give the same batches."""
+"""Seeded mini-batches: :class:`EpochSampler` (every loader's epoch, shuffling, sharding across ranks and skip),
+:class:`BatchLoader` (in-memory data) and :func:`augment_batch` (random crop and flip on tensors), all drawing from
+explicit ``torch.Generator`` objects, so the same seed and epoch always give the same batches."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmkt.data.tensors import DatasetInfo, ImageTensors
+from fmkt.data.deit_aug import repeated_indices, repeated_length
 from fmkt.errors import FmktError
+
+if TYPE_CHECKING:  # the kinds import their loaders: these names are for the annotations only
+    from fmkt.data.tensors import DatasetInfo, ImageTensors
 
 
 def draw_augmentation(n: int, info: DatasetInfo, generator: torch.Generator) -> tuple:
@@ -71,83 +74,98 @@ def shard_indices(n: int, num_samples: int, shuffle: bool, seed: int, epoch: int
     return order[rank:total:world_size]
 
 
-class BatchLoader:
-    """Seeded mini-batches ``(images, labels)`` over an :class:`ImageTensors`.
+class EpochSampler:
+    """The sampler half every loader shares: which of ``n`` items rank ``rank`` of ``world_size`` sees in each epoch,
+    in batch order, and in how many batches (a loader subclasses it and turns :meth:`batch_numbers` into batches).
 
-    * ``shuffle``: a permutation from ``torch.Generator().manual_seed(seed + epoch)``, identical on
-      every rank (like ``DistributedSampler``).
-    * ``rank``/``world_size``: rank r takes items ``r, r + W, r + 2W, ...`` of the permutation,
-      padded by wrapping around so every rank has ``ceil(N / W)`` items and the same number of
-      batches.
-    * ``augment_info``: apply :func:`augment_batch` with a generator seeded from
-      ``(seed, epoch, rank)``; None = no augmentation.
+    * ``shuffle``: one permutation per epoch from ``torch.Generator().manual_seed(seed + epoch)``, identical on every
+      rank (like ``DistributedSampler``); else 0..n-1.
+    * rank r takes items ``r, r + W, r + 2W, ...`` of it, padded by wrapping around so every rank has
+      ``num_samples = ceil(n / W)`` items and the same number of batches (:func:`shard_indices`).
+    * ``repeats`` (timm's repeated augmentation, a shuffled image-folder loader): each item ``repeats`` times in a
+      row, :func:`fmkt.data.deit_aug.repeated_indices` (:meth:`copies` says which copy each is), ``num_samples``
+      :func:`fmkt.data.deit_aug.repeated_length`.
     * ``drop_last``: drop each rank's last incomplete batch.
-
-    Iterating twice in the same epoch yields identical batches; call :meth:`set_epoch` to move on.
-    Batches are new tensors (index copies) on the device of ``data``.
+    * :meth:`set_epoch` picks the epoch; :meth:`skip` starts the next iteration at batch k (a resumed epoch: the
+      same batches as a whole iteration from there on, the earlier ones never built); once only.
     """
 
-    def __init__(
-        self,
-        data: ImageTensors,
-        batch_size: int,
-        shuffle: bool = False,
-        augment_info: DatasetInfo | None = None,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
+    def __init__(self, n: int, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1, repeats: int = 0) -> None:
         if batch_size < 1:
             raise FmktError(f"batch_size is {batch_size}: expected a positive integer.")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise FmktError(
-                f"rank {rank} with world_size {world_size} is invalid: expected "
-                "world_size >= 1 and 0 <= rank < world_size."
-            )
-        if len(data) == 0:
-            raise FmktError("The dataset given to BatchLoader is empty: expected at least one item.")
-        self.data = data
-        self.batch_size = int(batch_size)
-        self.shuffle = bool(shuffle)
-        self.augment_info = augment_info
-        self.seed = int(seed)
-        self.drop_last = bool(drop_last)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
+            raise FmktError(f"rank {rank} with world_size {world_size} is invalid: expected world_size >= 1 and "
+                            "0 <= rank < world_size.")
+        self.n, self.batch_size, self.shuffle, self.seed = int(n), int(batch_size), bool(shuffle), int(seed)
+        self.drop_last, self.rank, self.world_size = bool(drop_last), int(rank), int(world_size)
+        self.repeats = int(repeats)
         self.epoch = 0
         self._start = 0  # the batch the next iteration starts at (skip)
         #: items this rank sees per epoch (after padding)
-        self.num_samples = math.ceil(len(data) / self.world_size)
+        self.num_samples = (repeated_length(self.n, self.world_size, self.repeats) if self.repeats
+                            else math.ceil(self.n / self.world_size))
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose permutation and augmentation the next iteration uses."""
         self.epoch = int(epoch)
+
+    def skip(self, batches: int) -> None:
+        """Start the next iteration at batch ``batches``, building (or decoding) nothing before it (once; then 0)."""
+        self._start = int(batches)
 
     def __len__(self) -> int:
         if self.drop_last:
             return self.num_samples // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
 
-    def skip(self, batches: int) -> None:
-        """Start the next iteration at batch ``batches`` (a resumed epoch: the same batches as a whole iteration
-        from there on, the earlier ones never built); once only, later iterations start at 0 again."""
-        self._start = int(batches)
-
     def indices(self) -> torch.Tensor:
         """This rank's item indices for the current epoch, in batch order (int64)."""
-        return shard_indices(len(self.data), self.num_samples, self.shuffle, self.seed, self.epoch, self.rank,
+        if self.repeats:
+            return self.copies()[0]
+        return shard_indices(self.n, self.num_samples, self.shuffle, self.seed, self.epoch, self.rank,
                              self.world_size)
+
+    def copies(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Repeated augmentation: this rank's (item indices, copy numbers) of the current epoch."""
+        return repeated_indices(self.n, self.repeats, self.seed, self.epoch, self.rank, self.world_size)
+
+    def batch_numbers(self) -> range:
+        """The batches of the iteration starting now: from the batch :meth:`skip` named (then 0 again) to the last;
+        batch b holds positions ``b * batch_size`` up to ``(b + 1) * batch_size`` of :meth:`indices`."""
+        start, self._start = self._start, 0
+        return range(start, len(self))
+
+
+class BatchLoader(EpochSampler):
+    """Seeded mini-batches ``(images, labels)`` over an :class:`ImageTensors`: the :class:`EpochSampler`'s items,
+    indexed on the device of ``data``.
+
+    * ``augment_info``: apply :func:`augment_batch` with a generator seeded from
+      ``(seed, epoch, rank)``; None = no augmentation.
+
+    Iterating twice in the same epoch yields identical batches; call :meth:`set_epoch` to move on.
+    Batches are new tensors (index copies) on the device of ``data``.
+    """
+
+    def __init__(self, data: ImageTensors, batch_size: int, shuffle: bool = False,
+                 augment_info: DatasetInfo | None = None, seed: int = 0, drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1) -> None:
+        super().__init__(len(data), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank,
+                         world_size=world_size)
+        if len(data) == 0:
+            raise FmktError("The dataset given to BatchLoader is empty: expected at least one item.")
+        self.data = data
+        self.augment_info = augment_info
 
     def _aug_generator(self) -> torch.Generator:
         state = np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(2)
         return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        start, self._start = self._start, 0
         idx = self.indices().to(self.data.images.device)
-        draws = self._epoch_draws()
-        for b in range(start, len(self)):
+        draws, batches = self._epoch_draws(), self.batch_numbers()
+        for b in batches:
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             images = self.data.images.index_select(0, sel)
             labels = self.data.labels.index_select(0, sel.to(self.data.labels.device))

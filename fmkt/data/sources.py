@@ -1,4 +1,5 @@
-"""What the registry holds for each named dataset (:class:`DatasetSource`), and the checks its readers share.
+"""What the registry holds for each named dataset (:class:`DatasetSource`: its facts, files and kind), and the checks
+its readers share.
 
 A reader parses the files of one dataset family into ``(train_images, train_labels, test_images, test_labels)``
 numpy arrays: images (N, C, H, W) of small unsigned integers (divide by ``DatasetSource.scale`` for [0, 1]),
@@ -14,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from fmkt.data.tensors import DatasetInfo
+from fmkt.data.tensors import DatasetInfo, ImageTensors
 from fmkt.errors import FmktError
 
 #: ``reader(source, folder) -> (train_images, train_labels, test_images, test_labels)``; folder is None
@@ -28,13 +29,14 @@ class DatasetSource:
 
     info: DatasetInfo
     title: str  # the name in messages ("Fashion-MNIST")
-    read: Reader | None  # None for a dataset read file by file as it trains (``opener``)
+    read: Reader | None  # the in-memory kind's reader; None for a kind that reads its files itself
     scale: float = 255.0  # the divisor that maps the parsed values to [0, 1]
-    default_dir: str | None = None  # None: the data needs no folder (sklearn's digits) or names it (``opener``)
+    default_dir: str | None = None  # None: the data needs no folder (sklearn's digits) or names it (``--data-dir``)
     install_hint: str = ""  # what to do when the files are missing, as the end of a sentence
-    #: a dataset never held in memory: ``opener(data_dir, image_size=, workers=) -> (train, test, DatasetInfo)``
-    #: with splits that list files (fmkt.data.folder); ``info`` is then a template (classes come from the files)
-    opener: Callable | None = None
+    #: the :class:`fmkt.data.split.Split` kind whose ``open(source, data_dir, ...)`` / ``describe`` read it: in
+    #: memory (``read``'s arrays) by default; for :class:`fmkt.data.folder.ImageFolderSet` ``info`` is a template
+    #: (the classes come from the files)
+    kind: type = ImageTensors
 
     def not_found(self, folder: Path, expected: str) -> FmktError:
         """The error for a missing folder or file: ``expected`` says what should be in ``folder``."""

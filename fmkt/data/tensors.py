@@ -1,12 +1,19 @@
-"""The in-memory form of every dataset: :class:`DatasetInfo` (static facts), :class:`ImageTensors` (a whole
-split as tensors), and the checks and normalisation that read them."""
+"""The in-memory kind of dataset: :class:`DatasetInfo` (static facts, every kind's), :class:`ImageTensors` (a whole
+split as tensors, a :class:`fmkt.data.split.Split` kind: the registered readers' arrays, cached, resized to
+``data.image_size``), and the checks and normalisation that read them."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from fmkt.data.loader import BatchLoader
+from fmkt.data.split import Split
 from fmkt.errors import FmktError
 
 
@@ -31,8 +38,8 @@ class DatasetInfo:
 
 
 @dataclass
-class ImageTensors:
-    """A whole split in memory.
+class ImageTensors(Split):
+    """A whole split in memory (a :class:`Split` kind, ``resident``: ``to(device)`` moves it whole).
 
     ``images``: float32 (N, C, H, W) in [0, 1], raw (not normalised).
     ``labels``: int64 (N,).
@@ -40,6 +47,7 @@ class ImageTensors:
 
     images: torch.Tensor
     labels: torch.Tensor
+    resident = True
 
     def __post_init__(self) -> None:
         if self.images.dim() != 4:
@@ -59,59 +67,86 @@ class ImageTensors:
         """The split on ``device`` (a GPU-resident dataset: batches are then indexed and augmented there)."""
         return ImageTensors(self.images.to(device), self.labels.to(device))
 
-    def subset(self, n: int, seed: int = 0) -> "ImageTensors":
-        """A seeded, class-stratified subset of ``n`` items (all items, copied, if n >= len).
+    def take(self, indices: torch.Tensor) -> "ImageTensors":
+        """The images at ``indices`` (in that order), as new tensors."""
+        return ImageTensors(self.images[indices], self.labels[indices])
 
-        Stratification: each class keeps about ``n * class_count / len`` items (within one);
-        which items is decided by a ``torch.Generator`` seeded with ``seed``. The result keeps
-        the original order of the chosen items and owns its tensors.
-        """
-        total = len(self)
-        if n < 0:
-            raise FmktError(f"subset size {n} is negative: expected a count >= 0.")
-        if n >= total:
-            return ImageTensors(self.images.clone(), self.labels.clone())
-        chosen = self._stratified(n, seed)
-        return ImageTensors(self.images[chosen], self.labels[chosen])
+    def shard(self, rank: int, world: int) -> "ImageTensors":
+        """Images ``rank, rank + world, ...`` (views, no padding)."""
+        return ImageTensors(self.images[rank::world], self.labels[rank::world])
 
-    def split(self, n: int, seed: int = 0) -> tuple["ImageTensors", "ImageTensors"]:
-        """(the seeded stratified ``subset(n, seed)``, every other item): a held-out split and the rest."""
-        if not 0 < n < len(self):
-            raise FmktError(f"cannot hold out {n} of {len(self)} images: expected 0 < n < {len(self)}.")
-        chosen = self._stratified(n, seed)
-        rest = torch.ones(len(self), dtype=torch.bool)
-        rest[chosen] = False
-        return ImageTensors(self.images[chosen], self.labels[chosen]), ImageTensors(self.images[rest],
-                                                                                     self.labels[rest])
+    def loader(self, batch_size: int, *, shuffle: bool = False, augment_info=None, seed: int = 0,
+               drop_last: bool = False, rank: int = 0, world_size: int = 1, device=None) -> BatchLoader:
+        """A :class:`BatchLoader` (its batches on this split's device, whatever ``device`` says)."""
+        return BatchLoader(self, batch_size, shuffle=shuffle, augment_info=augment_info, seed=seed,
+                           drop_last=drop_last, rank=rank, world_size=world_size)
 
-    def _stratified(self, n: int, seed: int) -> torch.Tensor:
-        """The sorted indices of ``subset(n, seed)``."""
-        return stratified_indices(self.labels, n, seed)
+    def check(self, info: DatasetInfo) -> None:
+        """The images checked (:func:`check_images`) against ``info``'s channels."""
+        check_images(self.images, info.in_channels)
+
+    def sample_inputs(self, n: int) -> torch.Tensor:
+        return self.images[:n].cpu().contiguous()
+
+    @classmethod
+    def open(cls, source, data_dir, *, image_size: int | None = None, workers: int | None = None,
+             decode: str = "cpu", per_image=None) -> tuple["ImageTensors", "ImageTensors", DatasetInfo]:
+        """A registered dataset's reader's arrays (parsed once per (source, folder) and cached) as fresh tensors,
+        resized to ``image_size`` when given (:func:`resize_split`); ``data_dir`` None: ``source.default_dir``."""
+        folder: str | None = None
+        if source.default_dir is not None:
+            folder = str(Path(data_dir if data_dir is not None else source.default_dir).expanduser().resolve())
+        (tr_x, tr_y, te_x, te_y), scale = _load_cached(source, folder)
+        return (resize_split(_to_tensors(tr_x, tr_y, scale), image_size),
+                resize_split(_to_tensors(te_x, te_y, scale), image_size), sized_info(source.info, image_size))
+
+    @classmethod
+    def describe(cls, source, data_dir, *, image_size: int | None = None, workers: int | None = None) -> DatasetInfo:
+        """The registered facts at ``image_size``, no file read."""
+        return sized_info(source.info, image_size)
 
 
-def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """The sorted indices of a seeded, class-stratified choice of ``n`` of ``labels``' items (n < len(labels)):
-    :meth:`ImageTensors.subset`'s choice, shared with the image-folder datasets (a list of files)."""
-    total = int(labels.shape[0])
-    gen = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(total, generator=gen)
-    labels = labels[perm]
-    # Rank of every permuted item within its class, then its fractional position
-    # (rank + 0.5) / class_count: taking the n smallest positions takes each class in
-    # proportion to its size, the seeded permutation deciding which members.
-    order = torch.argsort(labels, stable=True)
-    sorted_labels = labels[order]
-    _, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(total) - torch.repeat_interleave(starts, counts)
-    rank = torch.empty_like(rank_sorted)
-    rank[order] = rank_sorted
-    count_of = torch.repeat_interleave(counts, counts)
-    count = torch.empty_like(count_of)
-    count[order] = count_of
-    key = (rank.double() + 0.5) / count.double()
-    chosen = perm[torch.argsort(key, stable=True)[:n]]
-    return torch.sort(chosen)[0]
+@functools.lru_cache(maxsize=4)
+def _load_cached(source, folder: str | None) -> tuple[tuple[np.ndarray, ...], float]:
+    """The registered reader's arrays (read-only) and the divisor that maps the images to [0, 1]."""
+    arrays = source.read(source, None if folder is None else Path(folder))
+    frozen = []
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        a.setflags(write=False)
+        frozen.append(a)
+    return tuple(frozen), source.scale
+
+
+def clear_tensor_cache() -> None:
+    _load_cached.cache_clear()
+
+
+def _to_tensors(images: np.ndarray, labels: np.ndarray, scale: float) -> ImageTensors:
+    # torch.from_numpy would share (read-only) memory; the float conversion makes a fresh
+    # tensor, so callers can never corrupt the cache.
+    img = torch.from_numpy(images.astype(np.float32)).div_(scale)
+    lab = torch.from_numpy(labels.astype(np.int64, copy=True))
+    return ImageTensors(img, lab)
+
+
+def sized_info(info: DatasetInfo, size: int | None) -> DatasetInfo:
+    """``info`` of in-memory data resized to ``size`` x ``size`` (its crop padding scaled with it)."""
+    if size is None or tuple(info.image_size) == (size, size):
+        return info
+    pad = int(round(info.crop_padding * size / info.image_size[0]))
+    return dataclasses.replace(info, image_size=(size, size), crop_padding=pad)
+
+
+def resize_split(split: ImageTensors, size: int | None) -> ImageTensors:
+    """An in-memory split resized once to ``size`` x ``size`` with torchvision (bilinear, antialiased), values kept
+    in [0, 1]; unchanged when ``size`` is None or already its size."""
+    if size is None or tuple(split.images.shape[-2:]) == (size, size):
+        return split
+    from torchvision.transforms.v2 import functional as TF
+
+    images = TF.resize(split.images, [size, size], antialias=True).clamp_(0.0, 1.0)
+    return ImageTensors(images.contiguous(), split.labels)
 
 
 def check_images(

@@ -29,6 +29,8 @@ import re
 import numpy as np
 import torch
 
+from fmkt.errors import first_line
+
 #: File endings read as images (case-insensitive): torchvision's ImageFolder list.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SCALE = (0.08, 1.0)  # RandomResizedCrop: the crop's area as a fraction of the image's
@@ -148,7 +150,7 @@ def jpeg_size(data) -> tuple[int, int] | None:
 
 def describe_error(exc: BaseException) -> str:
     """A decoder's exception in one short line (torchvision's C++ location prefix dropped)."""
-    text = re.sub(r"^.*?\.(cpp|cu|h):\d+, ", "", str(exc).splitlines()[0] if str(exc) else "")[:120]
+    text = re.sub(r"^.*?\.(cpp|cu|h):\d+, ", "", first_line(exc, None, with_type=False))[:120]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

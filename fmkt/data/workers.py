@@ -1,12 +1,13 @@
-"""Batches for the engine and evaluation, whatever the dataset: :func:`make_loader` returns the in-memory
-:class:`~fmkt.data.loader.BatchLoader` for :class:`ImageTensors` (unchanged) and a :class:`FolderLoader` for an
-image folder, both with ``set_epoch``, ``len``, iteration and ``skip(k)`` (start the next iteration at batch k).
+"""The image folder's loader, :class:`FolderLoader` (what :meth:`fmkt.data.folder.ImageFolderSet.loader` returns):
+an :class:`~fmkt.data.loader.EpochSampler`, as the in-memory :class:`~fmkt.data.loader.BatchLoader` is, so both have
+``set_epoch``, ``len``, iteration and ``skip(k)`` (start the next iteration at batch k) and the same items per batch.
 
 :class:`FolderLoader` decodes files in ``torch.utils.data.DataLoader`` worker processes (``data.workers``; pinned
 memory on CUDA, persistent workers for training, a few batches prefetched per worker):
 
-* the batches are BatchLoader's: one permutation per epoch from ``seed + epoch``, identical on every rank, padded by
-  wrapping around, rank r taking every W-th item, so every rank has the same number of batches;
+* the batches are the EpochSampler's, as BatchLoader's: one permutation per epoch from ``seed + epoch``, identical on
+  every rank, padded by wrapping around, rank r taking every W-th item, so every rank has the same number of batches
+  (with ``data.repeated_aug``, timm's repeated-augmentation epoch);
 * each item's crop and flip come from a generator seeded with (seed, epoch, item index)
   (:func:`fmkt.data.transforms.item_rng`), so batches do not depend on the number of workers or on which one
   decoded what, and a resumed epoch (``skip``) sees the crops an uninterrupted one sees, without decoding the
@@ -26,18 +27,20 @@ memory on CUDA, persistent workers for training, a few batches prefetched per wo
 """
 from __future__ import annotations
 
-import math
 import os
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 
-from fmkt.data.folder import ImageFolderSet
-from fmkt.data.loader import BatchLoader, shard_indices
-from fmkt.data.tensors import ImageTensors
+from fmkt.data.deit_aug import REPEAT_STREAM, build_image_augment, image_generator
+from fmkt.data.loader import EpochSampler
 from fmkt.data.transforms import crop, decode_bytes, decode_jpegs, decode_rgb, describe_error, draw_train, \
     item_rng, jpeg_size, read_bytes
 from fmkt.errors import FmktError
+
+if TYPE_CHECKING:  # the split imports its loader: the name is for the annotations only
+    from fmkt.data.folder import ImageFolderSet
 
 REPLACE_TRIES = 32  # other files tried, in a seeded order, before a training item is given up as unreadable
 PREFETCH = 4  # batches in flight per worker
@@ -91,20 +94,30 @@ class FolderBatches:
     """What a worker holds: the split's file list and the transform; ``__getitems__((epoch, indices))`` decodes one
     batch into ``(images uint8 (B, 3, S, S), labels (B,), [(bad path, why)], fatal message or None)``. With
     ``encoded`` (data.decode=gpu) a JPEG is not decoded: its transform is drawn from its header's size and the batch
-    is :func:`pack`'s, for :meth:`FolderLoader.decode_on_device`."""
+    is :func:`pack`'s, for :meth:`FolderLoader.decode_on_device`. ``per_image`` (training): DeiT's augmentation
+    (:mod:`fmkt.data.deit_aug`) after the crop, built once per worker; a key ``(epoch, indices, repeats)`` names
+    each item's copy under repeated augmentation."""
 
-    def __init__(self, data: ImageFolderSet, augment: bool, seed: int, replace: bool, encoded: bool = False) -> None:
+    def __init__(self, data: ImageFolderSet, augment: bool, seed: int, replace: bool, encoded: bool = False,
+                 per_image=None, info=None) -> None:
         self.data, self.augment, self.seed, self.replace = data, bool(augment), int(seed), bool(replace)
         self.encoded = bool(encoded)
+        self.per_image, self.info, self._augmenter = per_image if augment else None, info, None
+
+    def augmenter(self):
+        """The per-image augmentation (None: off), built on first use in the process that decodes."""
+        if self.per_image is not None and self._augmenter is None:
+            self._augmenter = build_image_augment(self.per_image, self.data.size, self.info.mean, self.info.std)
+        return self._augmenter
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitems__(self, key):
-        epoch, indices = key
+        epoch, indices, repeats = key if len(key) == 3 else (*key, None)
         size, images, labels, bad = self.data.size, [], [], []
-        for index in indices:
-            got = self.item(epoch, int(index), bad)
+        for pos, index in enumerate(indices):
+            got = self.item(epoch, int(index), bad, repeat=0 if repeats is None else int(repeats[pos]))
             if got is None and self.replace:
                 return None, None, bad, self.hopeless(int(index))
             if got is not None:
@@ -126,48 +139,50 @@ class FolderBatches:
         rng = item_rng(self.seed, epoch, index, stream=1)
         return [index] + [int(j) for j in rng.integers(0, len(self.data), REPLACE_TRIES)]
 
-    def item(self, epoch: int, index: int, bad: list, start: int = 0, encoded: bool | None = None):
-        """(image, label) of item ``index``, or of the first decodable replacement (training) from candidate
-        ``start`` on; None if none. ``encoded`` (default: this loader's): a JPEG stays encoded (a tuple)."""
+    def item(self, epoch: int, index: int, bad: list, start: int = 0, encoded: bool | None = None, repeat: int = 0):
+        """(image, label) of item ``index`` (its copy ``repeat``), or of the first decodable replacement (training)
+        from candidate ``start`` on; None if none. ``encoded`` (default: this loader's): a JPEG stays encoded."""
         encoded = self.encoded if encoded is None else encoded
         for pos, j in enumerate(self.candidates(epoch, index)[start:], start):
             try:
-                image = self.load(epoch, j, (index, pos) if encoded else None)
+                image = self.load(epoch, j, (index, pos) if encoded else None, repeat)
             except Exception as exc:  # any file the decoders cannot read: skipped and counted, never the end of a run
                 bad.append((self.data.path(j), describe_error(exc)))
                 continue
             return image, int(self.data.labels[j])
         return None
 
-    def load(self, epoch: int, j: int, slot: tuple | None = None):
-        """File ``j`` decoded and transformed, ``(3, S, S)`` uint8; with ``slot`` ((item, candidate)) a JPEG whose
-        header reads is returned encoded, ``(bytes, j, item, candidate, draws)``, its transform drawn from the
-        header's size (the draws decoding it here would make)."""
+    def load(self, epoch: int, j: int, slot: tuple | None = None, repeat: int = 0):
+        """File ``j`` decoded and transformed, ``(3, S, S)`` uint8 (copy ``repeat``: its own crop stream, then the
+        per-image augmentation); with ``slot`` ((item, candidate)) a JPEG whose header reads is returned encoded,
+        ``(bytes, j, item, candidate, draws)``, its transform drawn from the header's size (the draws decoding it
+        here would make)."""
         data = read_bytes(self.data.path(j))
-        rng = item_rng(self.seed, epoch, j) if self.augment else None
+        rng = item_rng(self.seed, epoch, j, stream=REPEAT_STREAM + repeat if repeat else 0) if self.augment else None
         hw = jpeg_size(data) if slot is not None else None
         if hw is not None:
             return data, j, *slot, None if rng is None else draw_train(*hw, rng)
         chw = decode_rgb(self.data.path(j), data)
-        return crop(chw, None if rng is None else draw_train(chw.shape[-2], chw.shape[-1], rng), self.data.size)
+        image = crop(chw, None if rng is None else draw_train(chw.shape[-2], chw.shape[-1], rng), self.data.size)
+        augment = self.augmenter()
+        return image if augment is None else augment(image, image_generator(self.seed, epoch, j, repeat))
 
 
-class FolderLoader:
+class FolderLoader(EpochSampler):
     """Seeded batches ``(images float32 (B, 3, S, S) in [0, 1], labels)`` of an :class:`ImageFolderSet` on
-    ``device``, decoded by ``workers`` DataLoader processes (0: in this process); see the module docstring."""
+    ``device``, decoded by ``workers`` DataLoader processes (0: in this process); see the module docstring. A
+    shuffled, augmented loader applies the split's ``per_image`` DeiT augmentation (``info``: its mean/std) and,
+    with ``repeated_aug``, shows timm's repeated-augmentation epoch (:func:`fmkt.data.deit_aug.repeated_indices`)."""
 
     def __init__(self, data: ImageFolderSet, batch_size: int, shuffle: bool = False, augment: bool = False,
                  seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1, device=None,
-                 workers: int | None = None, decode: str | None = None) -> None:
-        if batch_size < 1:
-            raise FmktError(f"batch_size is {batch_size}: expected a positive integer.")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise FmktError(f"rank {rank} with world_size {world_size} is invalid: expected world_size >= 1 and "
-                            "0 <= rank < world_size.")
+                 workers: int | None = None, decode: str | None = None, info=None) -> None:
+        per_image = data.per_image if augment and shuffle else None
+        super().__init__(len(data), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank,
+                         world_size=world_size, repeats=per_image.repeated_aug if per_image is not None else 0)
         if len(data) == 0:
             raise FmktError(f"{data.folder} gives no image to load: expected at least one.")
-        self.data, self.batch_size, self.shuffle, self.seed = data, int(batch_size), bool(shuffle), int(seed)
-        self.drop_last, self.rank, self.world_size = bool(drop_last), int(rank), int(world_size)
+        self.data = data
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         workers = data.workers if workers is None else workers
         self.workers = default_workers() if workers is None else int(workers)
@@ -176,32 +191,16 @@ class FolderLoader:
             raise FmktError(f"data.decode is {self.decode!r}: expected one of {', '.join(DECODE)}.")
         if self.decode == "gpu":
             refuse_gpu_decode(self.device)
-        self.fetch = FolderBatches(data, augment, self.seed, replace=self.drop_last, encoded=self.decode == "gpu")
-        self.epoch, self._start = 0, 0
-        self.num_samples = math.ceil(len(data) / self.world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def skip(self, batches: int) -> None:
-        """Start the next iteration at batch ``batches``, decoding nothing before it (once; then 0 again)."""
-        self._start = int(batches)
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
-
-    def indices(self) -> torch.Tensor:
-        """This rank's item indices for the current epoch, in batch order (BatchLoader's)."""
-        return shard_indices(len(self.data), self.num_samples, self.shuffle, self.seed, self.epoch, self.rank,
-                             self.world_size)
+        self.fetch = FolderBatches(data, augment, self.seed, replace=self.drop_last, encoded=self.decode == "gpu",
+                                   per_image=per_image, info=info)
 
     def __iter__(self):
-        start, self._start = self._start, 0
-        idx, bs, epoch = self.indices().tolist(), self.batch_size, self.epoch
+        bs, epoch = self.batch_size, self.epoch
+        idx, rep = (t.tolist() for t in self.copies()) if self.repeats else (self.indices().tolist(), None)
         loader = self._dataloader()
-        loader.batch_sampler.keys = [(epoch, idx[b * bs:(b + 1) * bs]) for b in range(start, len(self))]
+        loader.batch_sampler.keys = [(epoch, idx[b * bs:(b + 1) * bs]) + (() if rep is None else
+                                                                         (rep[b * bs:(b + 1) * bs],))
+                                     for b in self.batch_numbers()]
         for images, labels, bad, fatal in loader:
             self.data.skipped.note(bad, replaced=self.fetch.replace)
             if fatal:
@@ -253,24 +252,34 @@ class FolderLoader:
         return crop(chw, draws, self.data.size), label
 
     def _dataloader(self) -> torch.utils.data.DataLoader:
-        """The DataLoader whose batch sampler (:class:`_Keys`) the iteration fills: a training loader's (shuffled)
-        is made once, its workers persistent across epochs; an evaluation's is made per iteration (its workers
-        end with it)."""
-        persistent = self.workers > 0 and self.shuffle
-        if persistent and id(self) in _PERSISTENT:
-            return _PERSISTENT[id(self)]
-        loader = torch.utils.data.DataLoader(
-            self.fetch, batch_sampler=_Keys(), num_workers=self.workers, collate_fn=_as_is,
-            pin_memory=self.device.type == "cuda", persistent_workers=persistent,
-            prefetch_factor=PREFETCH if self.workers > 0 else None)
-        if persistent:
-            _PERSISTENT[id(self)] = loader
-            weakref.finalize(self, _PERSISTENT.pop, id(self), None)
-        return loader
+        """A training loader's (shuffled) DataLoader is made once, its workers persistent across epochs; an
+        evaluation's is made per iteration (its workers end with it)."""
+        return keyed_loader(self, self.fetch, self.workers, self.workers > 0 and self.shuffle, self.device)
 
     def close(self) -> None:
         """End the persistent workers now (they end anyway when this loader is freed)."""
-        _PERSISTENT.pop(id(self), None)
+        release_loader(self)
+
+
+def keyed_loader(owner, fetch, workers: int, persistent: bool, device: torch.device,
+                 generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    """The DataLoader of ``owner`` (a FolderLoader, fmkt.detection's DetectionLoader) over ``fetch``: its batch
+    sampler (:class:`_Keys`) is filled by the owner's iteration with (epoch, indices) keys, each batch comes back as
+    ``fetch`` made it. ``persistent``: made once and kept while ``owner`` lives (its workers survive epochs)."""
+    if persistent and id(owner) in _PERSISTENT:
+        return _PERSISTENT[id(owner)]
+    loader = torch.utils.data.DataLoader(
+        fetch, batch_sampler=_Keys(), num_workers=workers, collate_fn=_as_is, pin_memory=device.type == "cuda",
+        persistent_workers=persistent, prefetch_factor=PREFETCH if workers > 0 else None, generator=generator)
+    if persistent:
+        _PERSISTENT[id(owner)] = loader
+        weakref.finalize(owner, _PERSISTENT.pop, id(owner), None)
+    return loader
+
+
+def release_loader(owner) -> None:
+    """End ``owner``'s persistent workers now (they end anyway when it is freed)."""
+    _PERSISTENT.pop(id(owner), None)
 
 
 class _Keys:
@@ -285,26 +294,3 @@ class _Keys:
 
     def __len__(self) -> int:
         return len(self.keys)
-
-
-def make_loader(data, batch_size: int, shuffle: bool = False, augment_info=None, seed: int = 0,
-                drop_last: bool = False, rank: int = 0, world_size: int = 1, device=None):
-    """The loader of ``data``: a :class:`BatchLoader` for :class:`ImageTensors` (exactly as before), a
-    :class:`FolderLoader` for an image folder (augmentation on when ``augment_info`` is given)."""
-    if isinstance(data, ImageTensors):
-        return BatchLoader(data, batch_size, shuffle=shuffle, augment_info=augment_info, seed=seed,
-                           drop_last=drop_last, rank=rank, world_size=world_size)
-    return FolderLoader(data, batch_size, shuffle=shuffle, augment=augment_info is not None, seed=seed,
-                        drop_last=drop_last, rank=rank, world_size=world_size, device=device)
-
-
-def shard(data, rank: int, world: int):
-    """Items ``rank, rank + world, ...`` of ``data`` (a rank's share of an evaluation, no padding)."""
-    if isinstance(data, ImageTensors):
-        return ImageTensors(data.images[rank::world], data.labels[rank::world])
-    return data.shard(rank, world)
-
-
-def resident(data) -> bool:
-    """Whether ``data`` is held in memory as tensors (and so may move to the GPU whole)."""
-    return isinstance(data, ImageTensors)

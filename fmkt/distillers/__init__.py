@@ -53,6 +53,42 @@ def check_method(name: str) -> Method:
         raise FmktError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}.") from None
 
 
+def check_name(value, allowed, key: str) -> None:
+    """``value`` must be a name of the registry ``allowed`` (the config key ``key`` says where it came from)."""
+    if value not in allowed:
+        raise FmktError(f"unknown {key.split('.')[-1]} {value!r} ({key}); choose one of {', '.join(allowed)}.")
+
+
+def check_method_names(m) -> None:
+    """The method section's names against their registries (``m``: the MethodConfig): the config check of
+    fmkt.commands and the Python API (fmkt.api) both run it."""
+    from fmkt.flow.encoders import ENCODERS
+    from fmkt.flow.schedules import SCHEDULES
+    from fmkt.losses import LOGIT_LOSSES, LOSSES, build_metric_loss
+    from fmkt.student import TRANSFERS
+
+    method = check_method(m.name)
+    check_name(m.encoder, ENCODERS, "method.encoder")
+    check_name(m.schedule, SCHEDULES, "method.schedule")
+    check_name(m.loss, LOSSES, "method.loss")
+    check_name(m.transfer, TRANSFERS, "method.transfer")
+    if m.transfer == "features" and not method.features:
+        allowed = ", ".join(n for n, x in METHODS.items() if x.features)
+        raise FmktError(f"method.transfer=features works with method {allowed} only (method {m.name!r} distills "
+                        "logits: theta's head and OFM-KT's ensemble target are logits); use method.transfer=logits "
+                        "or --method fmkt.")
+    loss = method.options.get("loss_name", m.loss if method.flow else None)  # the D the method builds, if any
+    if m.logit_standardization and (m.transfer == "features" or (loss and loss not in LOGIT_LOSSES)):
+        what = "method.transfer=features" if m.transfer == "features" else f"method.loss={loss}"
+        raise FmktError(f"method.logit_standardization works with the softmax logit losses ({', '.join(LOGIT_LOSSES)}) "
+                        f"only, not with {what}; turn it off or choose one of them (with method.transfer=logits).")
+    if loss:  # the parameters of the D the method builds, up front (before any teacher is trained)
+        if "standardize" in m.loss_params:
+            raise FmktError("method.loss_params.standardize is not a loss parameter; logit standardization is "
+                            "method.logit_standardization: true.")
+        build_metric_loss(loss, standardize=m.logit_standardization, **m.loss_params)
+
+
 def build_distiller(cfg, student, teacher, input_shape=None) -> Distiller:
     """cfg: the MethodConfig. The teacher is required exactly for the methods that use one."""
     method = check_method(cfg.name)
@@ -61,4 +97,5 @@ def build_distiller(cfg, student, teacher, input_shape=None) -> Distiller:
     return method.cls(student, teacher if method.needs_teacher else None, cfg, input_shape, **method.options)
 
 
-__all__ = ["METHODS", "Method", "Distiller", "build_distiller", "check_method", "apply_dirac_ratio"]
+__all__ = ["METHODS", "Method", "Distiller", "build_distiller", "check_method", "check_method_names", "check_name",
+           "apply_dirac_ratio"]

@@ -211,7 +211,7 @@ IMAGENET_SGD = {"name": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": False, "w
                 "scheduler": "multistep", "milestones": [30, 60, 90], "gamma": 0.1, "warmup_epochs": 0.0}
 # DIST's resnet_dist.yaml: batch 32 per GPU on 8 GPUs (README: tools/dist_train.sh 8) = 256, lr 0.1, SGD with
 # Nesterov (lib/utils/args.py: --sgd-no-nesterov not given), wd 1e-4, StepLR every 30 epochs x0.1 over 100 epochs.
-DIST_IMAGENET_SGD = {**IMAGENET_SGD, "lr": 0.1, "nesterov": True}
+DIST_IMAGENET_SGD = {**IMAGENET_SGD, "lr": 0.1, "nesterov": True, "no_decay": True}  # filter_bias_and_bn
 FMKT_IMAGENET_SGD = {**IMAGENET_SGD, "nesterov": True}  # the baselines' solver, with Nesterov as FMKT_SGD (note)
 
 
@@ -250,8 +250,8 @@ PUBLISHED_IMAGENET: dict[str, Settings] = {
         "batch 32 per GPU, lr 0.1, sgd, momentum 0.9, wd 1e-4, step decay x0.1 every 30 epochs, 100 epochs, no "
         "warm-up, no EMA), lib/models/losses/kd_loss.py (dist = DIST(beta=1, gamma=1, tau=1)), lib/utils/optim.py "
         "(Nesterov)",
-        note="DIST decays no bias or BatchNorm weight (lib/utils/optim.py, filter_bias_and_bn); fmkt decays every "
-             "parameter",
+        note="DIST decays no bias or BatchNorm weight (lib/utils/optim.py, filter_bias_and_bn): optim.no_decay, "
+             "which also spares the meta-encoder's biases and norms (every one-dimensional parameter)",
         epochs=100),
     "fmkt": Settings(
         {"name": "fmkt", "loss": "dist", "loss_params": {"beta": 2.0, "gamma": 2.0, "tau": 1.0}, "ce_weight": 1.0,

@@ -29,10 +29,13 @@ DEIT_PAIRS: tuple[tuple[str, str], ...] = (
     ("timm:deit3_small_patch16_224.fb_in22k_ft_in1k", "timm:deit_tiny_patch16_224"),)
 
 # configs/_base_/schedules/imagenet_bs1024_adamw_swin.py: AdamW lr 5e-4 * 1024 / 512, wd 0.05 (betas 0.9/0.999 and
-# eps 1e-8: torch's defaults), LinearLR warm-up for 20 epochs, then cosine; 300 epochs. (momentum and Nesterov are
-# SGD's and unused by AdamW; written so every recipe lists the same optim keys.)
+# eps 1e-8: torch's defaults) with no decay on norms, biases, cls_token and pos_embed (paramwise_cfg), gradients
+# clipped at norm 5 (optim_wrapper clip_grad), LinearLR warm-up for 20 epochs from 1e-3 x lr, then cosine to 1e-5
+# (CosineAnnealingLR eta_min); 300 epochs. (momentum and Nesterov are SGD's and unused by AdamW; written so every
+# recipe lists the same optim keys.)
 DEIT_ADAMW = {"name": "adamw", "lr": 1e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.05,
-              "scheduler": "cosine", "milestones": [], "gamma": 0.1, "warmup_epochs": 20.0}
+              "scheduler": "cosine", "milestones": [], "gamma": 0.1, "warmup_epochs": 20.0, "warmup_start": 1e-3,
+              "min_lr": 1e-5, "no_decay": True, "clip_grad": 5.0}
 # configs/_base_/datasets/imagenet_bs64_swin_224.py (RandAugment policies 'timm_increasing', 2 of them, magnitude 9
 # of 10, std 0.5 = timm's "rand-m9-mstd0.5-inc1"; RandomErasing p 0.25, mode 'rand' = timm's 'pixel'; sampler
 # DefaultSampler) and configs/deit/deit-small_pt-4xb256_in1k.py (train_cfg augments Mixup 0.8, CutMix 1.0)
@@ -43,15 +46,15 @@ DEIT_EPOCHS = 300
 
 SOLVER_SOURCE = (
     f"{FMKT_DEIT}: configs/deit/deit-tiny_pt-4xb256_in1k.py and its base deit-small_pt-4xb256_in1k.py "
-    "(LabelSmoothLoss 0.1; Mixup alpha 0.8 and CutMix alpha 1.0; 256 images per GPU, 4 GPUs as vitkd.md trains), "
-    "configs/_base_/schedules/imagenet_bs1024_adamw_swin.py (AdamW lr 5e-4 x 1024/512, wd 0.05, 20 warm-up epochs, "
-    "cosine, 300 epochs), configs/_base_/datasets/imagenet_bs64_swin_224.py (RandAugment timm_increasing, 2 ops, "
+    "(LabelSmoothLoss 0.1; Mixup alpha 0.8 and CutMix alpha 1.0; 256 images per GPU, 4 GPUs as vitkd.md trains; paramwise_cfg: no decay "
+    "on norms, biases, cls_token, pos_embed; clip_grad max_norm 5), configs/_base_/schedules/imagenet_bs1024_adamw_swin.py "
+    "(AdamW lr 5e-4 x 1024/512, wd 0.05, flat_decay_mult 0; LinearLR start_factor 1e-3 for 20 epochs, "
+    "CosineAnnealingLR eta_min 1e-5, 300 epochs), configs/_base_/datasets/imagenet_bs64_swin_224.py (RandAugment timm_increasing, 2 ops, "
     "magnitude 9, std 0.5; RandomErasing 0.25, mode rand; DefaultSampler: no repeated augmentation)")
 SOLVER_NOTE = (
-    "not followed from the DeiT config: gradient clipping at norm 5 and no weight decay on norms, biases, cls_token "
-    "and pos_embed (fmkt clips nothing and decays every parameter), the warm-up from 0.001 x lr and the cosine floor "
-    "1e-5 (fmkt's: from 0, to 0), bicubic crops and evaluation resize (fmkt's are bilinear), and CutMix/Mixup's "
-    "partner image (timm's: the batch reversed; mmcls's: a random permutation)")
+    "not followed from the DeiT config: bicubic crops and evaluation resize (fmkt's are bilinear), CutMix/Mixup's "
+    "partner image (timm's: the batch reversed; mmcls's: a random permutation), and the schedule stepped per "
+    "iteration for both phases (mmcls: the warm-up per iteration, the cosine per epoch)")
 _COMMON = {"label_smoothing": 0.1}
 
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmkt.errors import FmktError
-from fmkt.import_paths import call_factory, first_line, is_import_path
+from fmkt.errors import FmktError, first_line
+from fmkt.import_paths import call_factory, is_import_path
 
 ADAPTER_OPTIONS = ("feature_layer", "classifier")
 
@@ -226,7 +226,7 @@ def create_backbone(arch: str, *, num_classes: int, in_channels: int, input_size
         raise FmktError(f"model {arch!r}: {exc}") from None
     except Exception as exc:  # the user's forward failed on the dry run
         raise FmktError(f"model {arch!r} failed on a ({in_channels}, {', '.join(map(str, input_size))}) dry-run "
-                        f"batch ({type(exc).__name__}: {first_line(exc)}).") from None
+                        f"batch ({first_line(exc, 200).rstrip('.')}).") from None
     if adapter.num_classes != num_classes:
         raise FmktError(f"model {arch!r} returns {adapter.num_classes} logits but the data has {num_classes} classes; "
                         "let the factory take num_classes=.")

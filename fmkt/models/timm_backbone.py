@@ -84,7 +84,7 @@ def create_timm(arch: str, *, num_classes: int, in_channels: int, pretrained: bo
                         f"({first_line(exc)}); check student_kwargs / teacher.kwargs.") from None
     except Exception as exc:
         if pretrained:
-            raise FmktError(f"cannot fetch the pretrained weights of {timm_name(arch)!r} ({type(exc).__name__}: "
+            raise FmktError(f"cannot fetch the pretrained weights of {timm_name(arch)!r} ("
                             f"{first_line(exc)}); pretrained=true needs the Hugging Face hub (network or "
                             "HF_HUB_OFFLINE with a filled cache), else pass the weights with --teacher FILE.") from None
         raise
@@ -205,7 +205,7 @@ def create_timm_backbone(arch: str, *, num_classes: int, in_channels: int, input
         raise FmktError(f"model {arch!r}: {exc}") from None
     except Exception as exc:
         raise FmktError(f"model {arch!r} failed on a ({in_channels}, {', '.join(map(str, input_size))}) dry-run "
-                        f"batch ({type(exc).__name__}: {first_line(exc)}){VIT_HINT if _is_vit(arch) else ''}.") from None
+                        f"batch ({first_line(exc)}){VIT_HINT if _is_vit(arch) else ''}.") from None
 
 
 VIT_HINT = "; a ViT needs student_kwargs.img_size (and patch_size) to fit the data's image size"
