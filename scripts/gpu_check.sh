@@ -20,6 +20,12 @@
 #   decode    data.decode=gpu (issue 21): batched nvjpeg decode vs CPU decode, the training loader's images/s with
 #             CPU workers vs data.decode=gpu, the two paths' pixel difference, what nvjpeg does with CMYK and
 #             truncated JPEGs -> scripts/gpu_decode.py (gpu_decode_cuda.json; dry run: --device cpu)
+#   detection issue 23: images/s of a detection training step (fasterrcnn_resnet18_fpn, 128 px, batch 8; none, pkd,
+#             fmkt with conv and dwconv), eager, and captured as a CUDA graph where torch can (the row says why not)
+#             -> benchmarks/detection_speed.py (detection_speed_cuda-*.json); needs torchvision there (see .whl)
+# Wheels the device image lacks (its torch 2.11 needs torchvision 0.26.0) travel in .whl/ (git-ignored; carry it):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl torchvision==0.26.0 timm==1.0.31
 # Results go to $FMKT_BENCH_OUT (default benchmarks/results); each stage prints PASS/FAIL lines, and a summary of
 # return codes ends the run.
 #   FMKT_GPU_STAGES="triton numerics tests" FMKT_BENCH_OUT=$OUT bash scripts/gpu_check.sh
@@ -28,7 +34,7 @@ cd "$(dirname "$0")/.."
 OUT="${FMKT_BENCH_OUT:-benchmarks/results}"
 PY="${PYTHON:-python}"
 BUDGET="${FMKT_GPU_BUDGET:-540}"
-STAGES="${FMKT_GPU_STAGES:-fastpath triton tests numerics speed latency kernels compiled imagenet decode}"
+STAGES="${FMKT_GPU_STAGES:-fastpath triton tests numerics speed latency kernels compiled imagenet decode detection}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 mkdir -p "$OUT"
@@ -47,6 +53,10 @@ print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA {torch.
 PY
 
 echo "== install (offline, no dependencies)"
+if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels (torchvision, timm), beside the image's packages
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" || echo "note: the carried wheels did not install"
+fi
 "$PY" -m pip install --no-deps --no-build-isolation --no-index -q -e . \
     || { echo "gpu_check: pip install -e . failed; stopping."; exit 2; }
 missing=$("$PY" -c "
@@ -128,6 +138,18 @@ if want decode; then
     timeout "$(box 150)" "$PY" scripts/gpu_decode.py --out "$OUT" --images 768 --batch 128 2>&1 \
         | tee "$OUT/gpu_decode.log" | tail -n 70
     note decode "${PIPESTATUS[0]}"
+fi
+
+if want detection; then
+    echo "== detection: images/s of a detection training step, eager and captured (where torch can capture it)"
+    if "$PY" -c "import torchvision" 2>/dev/null; then
+        timeout "$(box 240)" "$PY" benchmarks/detection_speed.py --device cuda --out "$OUT" 2>&1 | grep -v Warning \
+            | tee "$OUT/detection_speed.log" | tail -n 20
+        note detection "${PIPESTATUS[0]}"
+    else
+        echo "torchvision is not importable here (carry .whl/, see the top of this script): detection not run"
+        note detection 3
+    fi
 fi
 
 echo "== summary (return codes):$summary; $(( $(date +%s) - start )) s"

@@ -295,14 +295,17 @@ def free_port() -> int:
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available in this build")
-def test_two_gloo_processes_agree(data, tmp_path):
+@pytest.mark.parametrize("method", ["none", "fmkt"])
+def test_two_gloo_processes_agree(data, tmp_path, method):
     """torchrun DDP on CPU: each rank trains on its half of every 4-image batch and detects half the val canvases;
-    every rank scores the gathered detections to the same mAP; rank 0 alone writes the artifact."""
-    root, _ = data
+    every rank scores the gathered detections to the same mAP; rank 0 alone writes the artifact. With fmkt the
+    teacher (a weights file) runs on every rank and the flow modules train under DDP."""
+    root, teacher = data
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get(
         "PYTHONPATH", "")]), "FMKT_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "ddp"
-    args = [str(a) for a in base(root, "--method", "none", "--set", "train.threads=1", epochs=1)]
+    more = ["--teacher", teacher] if method == "fmkt" else []
+    args = [str(a) for a in base(root, "--method", method, *more, "--set", "train.threads=1", epochs=1)]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "fmkt.cli", *args,
                            "--out", str(out)], capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
@@ -313,3 +316,4 @@ def test_two_gloo_processes_agree(data, tmp_path):
     assert m["distributed"] == {"world_size": 2, "backend": "gloo"} and m["metrics"]["last"] == reported[0]
     assert m["metrics"]["images_evaluated"] == 6 and [x["epoch"] for x in metrics(out)] == [1]
     assert len(list(tmp_path.rglob("fmkt.json"))) == 1
+    assert (m["model"]["flow"] is not None) == (method == "fmkt")
