@@ -250,3 +250,24 @@ MUTATIONS += [
              "kwargs = dict(spec.arch_kwargs)",
              [_TM + "test_pretrained_is_never_recorded_for_the_rebuild"]),
 ]
+
+
+# --- the detection student's backbone from an ImageNet classifier file (detection.backbone_weights) ---
+_BB = "tests/test_detection_backbone.py::"
+MUTATIONS += [
+    Mutation("detection backbone: weights not loaded", "fmkt/detection/backbone.py",
+             "body.load_state_dict({**body.state_dict(), **fitted}, strict=True)",
+             "body.load_state_dict(body.state_dict(), strict=True)",
+             [_BB + "test_the_body_takes_the_file_and_freezes_as_torchvision"]),
+    Mutation("detection backbone: BatchNorm not frozen", "fmkt/detection/backbone.py",
+             "    freeze_batchnorm(body)\n    for p in frozen_parameters", "    for p in frozen_parameters",
+             [_BB + "test_the_body_takes_the_file_and_freezes_as_torchvision"]),
+    Mutation("detection backbone: frozen stages still train", "fmkt/detection/backbone.py",
+             "        p.requires_grad_(False)", "        p.requires_grad_(True)",
+             [_BB + "test_the_body_takes_the_file_and_freezes_as_torchvision",
+              _BB + "test_the_artifact_records_the_file_and_rebuilds_the_trained_student"]),
+    Mutation("detection backbone: the artifact's rebuild keeps plain BatchNorm", "fmkt/detection/artifact.py",
+             "    if spec.get(\"frozen_backbone_bn\"):\n        freeze_backbone(",
+             "    if False:\n        freeze_backbone(",
+             [_BB + "test_the_artifact_records_the_file_and_rebuilds_the_trained_student"]),
+]

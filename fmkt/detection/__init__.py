@@ -3,9 +3,11 @@
 Modules: ``canvas`` (:func:`make_detection_data`: Fashion-MNIST items on canvases, in COCO format), ``coco``
 (:func:`open_coco`: one split's files, boxes and labels, bad annotations counted and named), ``transforms``
 (resize + flip with boxes, torchvision v2), ``loader`` (:class:`DetectionLoader`: seeded batches decoded by
-DataLoader workers), ``coco_eval`` (:func:`coco_map` with pycocotools), ``artifact`` (the detection artifact:
-:func:`save_detector_artifact` / :func:`load_detector_artifact`). Public names load lazily, so importing this
-package imports no torch, torchvision or pycocotools; a module adds its names to :data:`_LAZY`.
+DataLoader workers), ``coco_eval`` (:func:`coco_map` with pycocotools), ``backbone`` (:func:`with_backbone_weights`:
+the student's backbone body from an ImageNet classifier file, as torchvision's ``weights_backbone``), ``artifact``
+(the detection artifact: :func:`save_detector_artifact` / :func:`load_detector_artifact`). Public names load
+lazily, so importing this package imports no torch, torchvision or pycocotools; a module adds its names to
+:data:`_LAZY`.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ _LAZY = {
     "to_coco_results": "coco_eval",
     "create_detector": "models",
     "fpn_features": "models",
+    "with_backbone_weights": "backbone",
     "FPNFlow": "fpn_flow",
     "attach_flow": "fpn_flow",
     "DetectionDistiller": "distiller",

@@ -9,10 +9,13 @@ rebuild the module without the training config::
      "options": {"box_score_thresh": 0.05, ...} (JSON-able keyword arguments of the detector; optional),
      "flow": None | {"levels", "weights", "encoder", "schedule", "project_teacher", "teacher_channels",
                      "train_steps", "eval_steps", "dirac_ratio", "loss"},
-     "default_steps": K (the flow's Euler steps at inference; 0 without a flow)}
+     "default_steps": K (the flow's Euler steps at inference; 0 without a flow),
+     "frozen_backbone_bn": true, "trainable_backbone_layers": 3 (only for a student whose backbone body started
+     from an ImageNet classifier file: fmkt.detection.backbone's freezing, which the rebuild applies)}
 
 With a flow the model is the detector with its :class:`FPNFlow` attached (:func:`attach_flow`, K = default_steps):
-the refined FPN maps feed the heads, as the authors' inference does. :func:`flow_spec` and :func:`detector_spec`
+the refined FPN maps feed the heads, as the authors' inference does. A spec without the two backbone keys (every
+artifact written before them) is a detector built from scratch. :func:`flow_spec` and :func:`detector_spec`
 write the spec from the built objects. A wrong spec or a tampered weight file is one FmktError sentence.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ TASK = "detection"
 SPEC_KEYS = ("task", "detector", "num_classes", "min_size", "max_size", "flow", "default_steps")
 FLOW_KEYS = ("levels", "weights", "encoder", "schedule", "project_teacher")
 FLOW_OPTIONAL = ("teacher_channels", "train_steps", "eval_steps", "dirac_ratio", "loss")
+BACKBONE_KEYS = ("frozen_backbone_bn", "trainable_backbone_layers")  # optional, both or neither
 
 
 def flow_spec(flow) -> dict:
@@ -58,14 +62,18 @@ def _encoder_name(level) -> str:
 
 
 def detector_spec(detector: str, num_classes: int, *, min_size: int, max_size: int, flow=None,
-                  default_steps: int | None = None, options: dict | None = None) -> dict:
+                  default_steps: int | None = None, options: dict | None = None,
+                  trainable_backbone_layers: int | None = None) -> dict:
     """The spec of a detector (``flow``: an FPNFlow, its spec dict, or None); ``default_steps`` defaults to the
-    flow's eval steps (0 without a flow)."""
+    flow's eval steps (0 without a flow); ``trainable_backbone_layers``: set for a student started from an ImageNet
+    classifier file (its body's BatchNorm frozen, the stages before the last n not trained), None from scratch."""
     fspec = flow if flow is None or isinstance(flow, dict) else flow_spec(flow)
     if default_steps is None:
         default_steps = int(fspec.get("eval_steps") or 1) if fspec else 0
     spec = {"task": TASK, "detector": detector, "num_classes": num_classes, "min_size": min_size,
             "max_size": max_size, "options": dict(options or {}), "flow": fspec, "default_steps": default_steps}
+    if trainable_backbone_layers is not None:
+        spec.update(frozen_backbone_bn=True, trainable_backbone_layers=trainable_backbone_layers)
     return check_spec(spec)
 
 
@@ -83,6 +91,7 @@ def check_spec(spec, where: str = "the detection spec") -> dict:
         what = f"{bad[0]} = {ints[bad[0]]!r}" if bad else "detector/options"
         raise FmktError(f"{where} has a bad {what}: expected a detector name, integer sizes, num_classes and "
                         "default_steps >= 0, and options as a dict.")
+    _check_backbone_keys(spec, where)
     try:
         json.dumps(spec)
     except (TypeError, ValueError) as exc:
@@ -102,15 +111,31 @@ def check_spec(spec, where: str = "the detection spec") -> dict:
     return spec
 
 
+def _check_backbone_keys(spec: dict, where: str) -> None:
+    given = [k for k in BACKBONE_KEYS if k in spec]
+    if not given:
+        return
+    n = spec.get("trainable_backbone_layers")
+    if len(given) < 2 or spec["frozen_backbone_bn"] is not True or isinstance(n, bool) or not isinstance(n, int) \
+            or n < 0:
+        raise FmktError(f"{where} has a bad {' / '.join(given)}: a student started from an ImageNet classifier "
+                        "file records frozen_backbone_bn true and trainable_backbone_layers >= 0, a student from "
+                        "scratch neither.")
+
+
 def build_detector(spec: dict, steps: int | None = None) -> nn.Module:
-    """The module ``spec`` describes (random weights): the detector, with its FPN flow attached at K = ``steps``
-    (default ``default_steps``) when it has one."""
+    """The module ``spec`` describes (random weights): the detector (its backbone body's BatchNorm frozen and its
+    first stages not trainable when the spec says so), with its FPN flow attached at K = ``steps`` (default
+    ``default_steps``) when it has one."""
+    from fmkt.detection.backbone import freeze_backbone
     from fmkt.detection.fpn_flow import FPNFlow, attach_flow
     from fmkt.detection.models import create_detector, fpn_channels
 
     spec = check_spec(spec)
     detector = create_detector(spec["detector"], spec["num_classes"], min_size=spec["min_size"],
                                max_size=spec["max_size"], **spec.get("options", {}))
+    if spec.get("frozen_backbone_bn"):
+        freeze_backbone(detector, spec["trainable_backbone_layers"])
     f = spec["flow"]
     if f is None:
         return detector

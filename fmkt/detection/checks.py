@@ -1,5 +1,6 @@
 """The checks of a detection run (``task: detection``), before any work: names against the registries, the
-detectors, the sizes and the dataset's files. fmkt.commands' ``check_config`` hands a detection config here and
+detectors, the sizes, the student's backbone weights (``detection.backbone_weights``: the file fits its backbone body,
+key for key) and the dataset's files. fmkt.commands' ``check_config`` hands a detection config here and
 stamps it with the :class:`DetectionInfo` returned, as it stamps a classification config with its DatasetInfo.
 
 Without ``data.dir`` the dataset is the Fashion-MNIST canvases (fmkt.detection.canvas, the defaults of
@@ -61,6 +62,7 @@ def check_detection(cfg) -> DetectionInfo:
     _check_classification_keys(cfg)
     _check_detection_section(cfg.detection)
     check_detector(cfg.student, "student")
+    _check_backbone_weights(cfg)
     if cfg.method.name != "none" and not (cfg.teacher.path and (Path(cfg.teacher.path) / "fmkt.json").is_file()):
         check_detector(cfg.teacher.arch, "teacher.arch")  # a teacher artifact names its own detector
     return _data_info(cfg)
@@ -93,6 +95,22 @@ def _check_detection_section(d) -> None:
     for f in fields(d):
         if f.name.endswith("_split") and not str(getattr(d, f.name)).strip():
             raise FmktError(f"detection.{f.name} is empty; name the split (train / val, or train2017 / val2017).")
+
+
+def _check_backbone_weights(cfg) -> None:
+    """detection.backbone_weights: the file fits the student's backbone body, trainable_backbone_layers its stages."""
+    from fmkt.detection.config import DetectionConfig
+
+    d = cfg.detection
+    if d.backbone_weights is None:
+        if d.trainable_backbone_layers != DetectionConfig.trainable_backbone_layers:
+            raise FmktError("detection.trainable_backbone_layers applies only with detection.backbone_weights (a "
+                            "student from scratch trains every layer); set the file or leave the key unset.")
+        return
+    from fmkt.detection.backbone import check_backbone_weights
+
+    check_backbone_weights(cfg.student, d.backbone_weights, d.trainable_backbone_layers, min_size=d.min_size,
+                           max_size=d.max_size, **cfg.student_kwargs)
 
 
 def check_detector(name: str, key: str) -> None:

@@ -5,7 +5,8 @@ run (fmkt.detection.run), and the evaluation of a detection artifact.
 The teacher: ``--teacher PATH`` (a detection artifact folder, or a state-dict file of ``teacher.arch`` under
 torchvision's key names, e.g. torchvision's COCO weights); without one, the default teacher is trained first like
 the classification default teacher: ``teacher.arch`` alone (method none) for ``teacher.epochs`` at ``teacher.lr``
-(cosine, no warm-up), same data and seed, cached in ``$FMKT_CACHE/teachers/detection-ARCH-KEY`` and reused.
+(cosine, no warm-up), same data and seed, cached in ``$FMKT_CACHE/teachers/detection-ARCH-KEY`` and reused; from
+scratch always (``detection.backbone_weights`` is the student's, and leaves the teacher's key as it was).
 """
 from __future__ import annotations
 
@@ -80,11 +81,14 @@ def run_detection(cfg, info: DetectionInfo, *, resume: bool = False, console=Non
 
 def teacher_cache_folder(cfg) -> tuple:
     """(the default teacher's config, its cache folder): the classification default teacher's config and key, plus
-    what a detection teacher also depends on (the task's splits and sizes)."""
+    what a detection teacher also depends on (the task's splits and sizes). ``detection.backbone_weights`` is the
+    student's alone: the teacher starts from scratch, so its key is the same with or without the file."""
     from fmkt.commands import cache_dir, teacher_cache_key, teacher_config
+    from fmkt.detection.config import DetectionConfig
 
     t = teacher_config(cfg)
     d = t.detection
+    d.backbone_weights, d.trainable_backbone_layers = None, DetectionConfig.trainable_backbone_layers
     more = {"task": "detection", "train_split": d.train_split, "min_size": d.min_size, "max_size": d.max_size}
     key = hashlib.sha256(json.dumps([teacher_cache_key(t), more], sort_keys=True).encode()).hexdigest()[:16]
     return t, cache_dir() / f"detection-{t.student}-{key}".replace(":", "-")

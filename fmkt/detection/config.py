@@ -30,3 +30,8 @@ class DetectionConfig:
     refine_steps: int = 4  # K at inference, the artifact's default_steps (the authors' inference_sampling=4)
     project_teacher: bool = True  # BN + 1x1 conv on the teacher's map (the authors' lowermodule)
     eval_batch_size: int = 8  # images per evaluation batch (a detector keeps up to 1000 proposals per image)
+    # the student's backbone body from an ImageNet classifier's state-dict file (torchvision's resnet50-0676ba61.pth),
+    # as torchvision's weights_backbone: its BatchNorm frozen, only the last trainable_backbone_layers stages train
+    # (fmkt.detection.backbone); None: from scratch, every layer trainable. The student's only, never the teacher's
+    backbone_weights: str | None = None
+    trainable_backbone_layers: int = 3  # torchvision's default: ResNet 0..5 (3: layer2-4), MobileNetV3 0..6

@@ -6,7 +6,9 @@
 ``.safetensors`` or ``.pt``/``.pth`` state dict under torchvision's own key names, read with ``weights_only=True``)
 it is a teacher: its BatchNorm layers become ``FrozenBatchNorm2d`` (what torchvision's pretrained detectors use, so
 their files, which hold no ``num_batches_tracked``, load as they are, and so does a file saved from a BatchNorm
-model) and the weights load strictly; a mismatch is one sentence naming the missing and unexpected keys.
+model) and the weights load strictly; a mismatch is one sentence naming the missing and unexpected keys. A student
+started from an ImageNet classifier file (``detection.backbone_weights``) is this fresh detector, changed afterwards
+by :mod:`fmkt.detection.backbone`.
 
 FPN levels (an OrderedDict from the detector's ``backbone``; every level has ``backbone.out_channels`` = 256):
 ResNet-FPN Faster R-CNN ``'0', '1', '2', '3', 'pool'`` (P2-P6); RetinaNet ``'0', '1', '2', 'p6', 'p7'`` (P3-P7);

@@ -6,7 +6,9 @@ prepare -> train_epoch -> :func:`end_epoch` (COCO mAP) -> :func:`finish` (the de
 :func:`fit` trains one config, a distillation or the default teacher's plain training, and writes OUT/config.yaml,
 OUT/metrics.jsonl (a line per epoch; ``map``: AP, AP50, AP75, APs, APm, APl in percent, fmkt.detection.coco_eval),
 OUT/checkpoint.pt and OUT/artifact (fmkt.detection.artifact: the deployable student, with its FPN flow at K =
-``detection.refine_steps`` for fmkt). What differs from the classification engine, and why:
+``detection.refine_steps`` for fmkt; with ``detection.backbone_weights`` fmkt.json's ``backbone_weights`` names the
+file and its sha256). The optimiser sees only the trainable parameters, so the stages a backbone file froze keep its
+weights. What differs from the classification engine, and why:
 
 * a batch is images ``(B, 3, S, S)`` and a list of per-image targets (:class:`Targets` moves as labels move);
 * the step is always the eager one (fmkt.capture.EagerStep) in fp32: a CUDA graph needs static shapes and a
@@ -28,6 +30,7 @@ from torch import nn
 from fmkt.capture import EagerStep
 from fmkt.checkpoint import resume_run, save_run
 from fmkt.detection.artifact import detector_spec, save_detector_artifact
+from fmkt.detection.backbone import weights_record, with_backbone_weights
 from fmkt.detection.coco_eval import KEYS, coco_map, to_coco_results
 from fmkt.detection.distiller import DetectionDistiller
 from fmkt.detection.fpn_flow import FPNFlow, default_level_weights
@@ -114,11 +117,15 @@ def fpn_levels(detector: nn.Module, side: int = 64) -> list[str]:
 def build_models(cfg, num_classes: int, teacher: nn.Module | None, device) -> tuple[Trainable, dict]:
     """(the distiller as the step trains it, the artifact's spec) on ``device``: the student detector seeded with
     train.seed (``num_classes`` object classes plus the background), for fmkt its FPN flow (a module per weighted
-    level), for pkd its per-level weights; ``detection.weights`` or the authors' for the student's family."""
+    level), for pkd its per-level weights; ``detection.weights`` or the authors' for the student's family. With
+    ``detection.backbone_weights`` the student's backbone body then takes that file's weights, its BatchNorm frozen
+    and its first stages not trained (fmkt.detection.backbone; loaded over the same seeded initialisation)."""
     d, m = cfg.detection, cfg.method
     seed_everything(cfg.train.seed)
     student = create_detector(cfg.student, num_classes + 1, min_size=d.min_size, max_size=d.max_size,
                               **cfg.student_kwargs)
+    if d.backbone_weights is not None:
+        with_backbone_weights(student, d.backbone_weights, d.trainable_backbone_layers)
     levels = fpn_levels(student)
     if d.weights and len(d.weights) != len(levels):
         raise FmktError(f"detection.weights has {len(d.weights)} values but {cfg.student} has {len(levels)} FPN "
@@ -133,17 +140,21 @@ def build_models(cfg, num_classes: int, teacher: nn.Module | None, device) -> tu
     distiller = DetectionDistiller(student, teacher, flow, method=m.name, refine=d.refine,
                                    pkd_weights=dict(zip(levels, weights)) if m.name == "pkd" else None)
     spec = detector_spec(cfg.student, num_classes + 1, min_size=d.min_size, max_size=d.max_size,
-                         flow=flow if flow is not None and d.refine else None, options=dict(cfg.student_kwargs))
+                         flow=flow if flow is not None and d.refine else None, options=dict(cfg.student_kwargs),
+                         trainable_backbone_layers=None if d.backbone_weights is None else d.trainable_backbone_layers)
     return Trainable(distiller).to(device), spec
 
 
 def prepare(cfg, splits, teacher, teacher_record, resume: bool, console, device, dataset: dict) -> Run:
     """Everything a detection run needs, checked before any file is written (fmkt.engine's Run: ``train_set`` /
-    ``test_set`` are the CocoSplits, ``data`` the artifact's spec, ``extra["dataset"]`` fmkt.json's dataset)."""
+    ``test_set`` are the CocoSplits, ``data`` the artifact's spec, ``extra["dataset"]`` fmkt.json's dataset and
+    ``extra["backbone_weights"]`` its record of the student's backbone file, hashed before it is read, or None)."""
     rank, world, console, out = run_start(cfg, console)
     if device.type == "cuda":
         console.print("fast path: off (a detection step has no static shapes: eager fp32 step)", highlight=False)
     train, val = splits
+    d = cfg.detection
+    backbone = None if d.backbone_weights is None else weights_record(d.backbone_weights, d.trainable_backbone_layers)
     model, spec = build_models(cfg, train.num_classes, teacher, device)
     loader = Batches(DetectionLoader(train, cfg.detection.min_size, cfg.data.batch_size // world, train=True,
                                      seed=cfg.train.seed, rank=rank, world_size=world, device=device,
@@ -152,7 +163,8 @@ def prepare(cfg, splits, teacher, teacher_record, resume: bool, console, device,
     run = Run(cfg=cfg, console=console, device=device, amp=False, rank=rank, world=world, out=out, train_set=train,
               test_set=val, data=spec, student=model.distiller.student, distiller=model, model=model,
               optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer, len(loader)), loader=loader,
-              keys=list(KEYS), teacher=teacher_record, extra={"dataset": dataset}, best={})
+              keys=list(KEYS), teacher=teacher_record, extra={"dataset": dataset, "backbone_weights": backbone},
+              best={})
     if resume:
         resume_run(run)
     open_outputs(run)
@@ -225,6 +237,8 @@ def run_record(run: Run) -> dict:
                           "precision": FP32, "split": d.val_split, "images_evaluated": len(run.test_set),
                           "evaluator": "pycocotools COCOeval, iouType bbox"},
               "teacher": run.teacher}
+    if run.extra.get("backbone_weights"):  # the student's ImageNet start: the file's name and sha256
+        record["backbone_weights"] = run.extra["backbone_weights"]
     if run.world > 1:
         record["distributed"] = {"world_size": run.world, "backend": dist.get_backend()}
     return record
