@@ -213,12 +213,14 @@ def _rank_console(console: Console | None) -> Console:
 
 def run_train(cfg: Config, *, resume: bool = False, console: Console | None = None) -> FitResult:
     """Plain supervised training of cfg.student (a teacher, or a student alone); DDP under torchrun."""
-    cfg = check_config(dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="none")))
+    if cfg.method.name != "none":  # a changed config is checked again; the CLI's (method none) was checked already
+        cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="none"))
+    info = checked_info(cfg)
     with distributed(cfg.train.device):
         if cfg.task == "detection":
             from fmkt.detection.command import run_detection
 
-            return run_detection(cfg, checked_info(cfg), resume=resume, console=_rank_console(console))
+            return run_detection(cfg, info, resume=resume, console=_rank_console(console))
         return fit(cfg, resume=resume, console=_rank_console(console))
 
 

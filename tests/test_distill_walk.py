@@ -42,6 +42,13 @@ def test_distill_checks_resolves_and_loads_once(tmp_path, calls, monkeypatch):
         assert dict(calls) == {"check_config": 1, "resolve_device": 1, "dataset_info": 1, "load_dataset": 1}, run
 
 
+def test_train_checks_resolves_and_loads_once(tmp_path, calls):
+    result = CliRunner().invoke(app, ["train", "--model", "resnet8", "--epochs", "1", "--out", str(tmp_path / "t"),
+                                      "--set", "data.train_subset=96", "--set", "data.test_subset=48"])
+    assert result.exit_code == 0, result.output
+    assert dict(calls) == {"check_config": 1, "resolve_device": 1, "dataset_info": 1, "load_dataset": 1}
+
+
 def test_a_changed_config_is_checked_again(calls):
     from fmkt.config import build_config
 
