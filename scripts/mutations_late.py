@@ -271,3 +271,39 @@ MUTATIONS += [
              "    if False:\n        freeze_backbone(",
              [_BB + "test_the_artifact_records_the_file_and_rebuilds_the_trained_student"]),
 ]
+
+
+# --- detection (issue 23): the flow on the FPN, the annotations, COCO mAP, the export's parity gates ---
+_DM, _DD, _CE, _DX = ("tests/test_detection_models.py::", "tests/test_detection_data.py::",
+                      "tests/test_coco_eval.py::", "tests/test_detection_export.py::")
+MUTATIONS += [
+    Mutation("detection flow: a level's loss enters without its weight", "fmkt/detection/fpn_flow.py",
+             "total = sum((self.weights[k] * v for k, v in per_level.items()),",
+             "total = sum((v for k, v in per_level.items()),",
+             [_DM + "test_every_level_enters_the_total_with_its_weight"]),
+    Mutation("detection flow: a level of weight 0 still gets a module", "fmkt/detection/fpn_flow.py",
+             "for k in levels if self.weights[k] > 0})", "for k in levels})",
+             [_DM + "test_every_level_enters_the_total_with_its_weight"]),
+    Mutation("detection flow: inference refines the maps by one step, not K", "fmkt/detection/fpn_flow.py",
+             "out[level] = flow.sample(student[level], n).final_state", "out[level] = flow.sample(student[level], "
+             "1).final_state", [_DM + "test_level_loss_matches_a_hand_computation",
+                                _DM + "test_the_deployable_student_refines_its_fpn_maps"]),
+    Mutation("detection data: a box reaching outside its image is kept unclipped", "fmkt/detection/coco.py",
+             'return ("clipped" if box != (x, y, x + w, y + h) else None), box',
+             'return ("clipped" if box != (x, y, x + w, y + h) else None), (x, y, x + w, y + h)',
+             [_DD + "test_bad_annotations_are_handled_counted_and_named"]),
+    Mutation("detection data: a box outside its image is kept", "fmkt/detection/coco.py",
+             '    if box[2] <= box[0] or box[3] <= box[1]:\n        return "outside", None',
+             '    if box[2] < box[0] or box[3] < box[1]:\n        return "outside", None',
+             [_DD + "test_bad_annotations_are_handled_counted_and_named"]),
+    Mutation("coco mAP: a fraction, not percent", "fmkt/detection/coco_eval.py",
+             "round(float(value) * 100.0, 10)", "round(float(value), 10)",
+             [_CE + "test_perfect_detections_are_100_and_quiet"]),
+    Mutation("coco mAP: labels mapped to the next category id", "fmkt/detection/coco_eval.py",
+             '"category_id": int(cat_ids[int(label) - 1])', '"category_id": int(cat_ids[int(label) % len(cat_ids)])',
+             [_CE + "test_outputs_map_back_to_the_original_pixels_and_category_ids"]),
+    Mutation("detection parity: the box gate 100x looser", "export/detection_parity.py",
+             '"max_box_diff_px": 1e-2,', '"max_box_diff_px": 1.0,',
+             [_DX + "test_parity_gates_catch_labels_scores_and_lost_detections",
+              _DX + "test_a_planted_difference_fails_parity"]),
+]
