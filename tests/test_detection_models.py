@@ -83,6 +83,7 @@ def test_level_loss_matches_a_hand_computation(steps):
     assert torch.allclose(out.per_level["0"], expected, rtol=1e-10, atol=1e-12)
     assert torch.allclose(out.total, 3.0 * expected, rtol=1e-10, atol=1e-12)
     assert torch.allclose(out.refined["0"], x, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(flow.eval().refine(student, steps)["0"], x, rtol=1e-10, atol=1e-12)  # inference: K steps
     assert set(out.per_level) == {"0"} and "1" not in flow.flows  # weight 0: no module, no term
     assert out.refined["1"] is student["1"]  # ... and the level passes through unchanged
 
