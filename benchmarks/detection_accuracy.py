@@ -12,7 +12,8 @@ one teacher, the same architecture trained once for ``--teacher-epochs`` (seed 0
 recipe: only the method differs), seeds 0-2. Rows: ``none``
 (the student alone), ``pkd`` (mmrazor's PKD on the FPN levels, weights 6), ``fmkt`` (the flow on each FPN level,
 the authors' weights [6, 6, 6, 6, 0], PKD as D, N = 8 in training, K = 4 refinement steps at inference; encoder
-dwconv, as the COCO recipes). Each run is the CLI's own (``fmkt-cli train`` / ``distill`` in a child process, one
+dwconv, as the COCO recipes), ``fmkt_aux`` (the same flow with ``detection.refine=false``: a training-only loss, the
+plain detector deployed). Each run is the CLI's own (``fmkt-cli train`` / ``distill`` in a child process, one
 thread each, ``--jobs`` at once); each finished run is saved at once, a rerun skips what the JSON holds. Latency:
 ``fmkt-cli bench`` on seed 0's FM-KT artifact with ``--teacher`` (eager and onnxruntime, batch 1): the detector
 alone (the ``none`` and ``pkd`` students are that architecture), FM-KT at K = 4, and the teacher.
@@ -33,7 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import machine_slug, write_json  # noqa: E402
 
-ROWS = {"none": [], "pkd": [], "fmkt": ["--set", "method.encoder=dwconv"]}  # one recipe: only the method differs
+ROWS = {"none": ("none", []), "pkd": ("pkd", []),  # row -> (method, its options): one recipe, only the method differs
+        "fmkt": ("fmkt", ["--set", "method.encoder=dwconv"]),
+        "fmkt_aux": ("fmkt", ["--set", "method.encoder=dwconv", "--set", "detection.refine=false"])}
 STUDENT = "fasterrcnn_resnet18_fpn"
 # fewer proposals and RoI samples than torchvision's COCO defaults (2000 / 1000 proposals, 512 RoIs per image): a
 # 128-pixel canvas holds 1-4 objects, and the defaults' RoI head costs ~5x the step on a CPU
@@ -89,9 +92,10 @@ def teacher(args, work: Path) -> Path:
 
 def run_one(args, work: Path, teacher_art: Path, row: str, seed: int) -> dict:
     out = work / f"{row}-s{seed}"
-    argv = ["distill", "--task", "detection", "--student", STUDENT, "--method", row, "--epochs", str(args.epochs),
-            *common(args, seed), *ROWS[row], "--out", str(out)]
-    if row != "none":
+    method, options = ROWS[row]
+    argv = ["distill", "--task", "detection", "--student", STUDENT, "--method", method, "--epochs", str(args.epochs),
+            *common(args, seed), *options, "--out", str(out)]
+    if method != "none":
         argv += ["--teacher", str(teacher_art)]
     seconds = cli(argv, work / f"{row}-s{seed}.log")
     meta = json.loads((out / "artifact" / "fmkt.json").read_text())
@@ -126,7 +130,7 @@ def table(doc: dict) -> str:
     lines.append("| row | seeds | " + " | ".join(KEYS) + " | train img/s | p50 ms (eager / ORT, b1) |")
     lines.append("|---|---|" + "---|" * len(KEYS) + "---|---|")
     lat = {(r["backend"], r["variant"]): r for r in (doc.get("latency") or {}).get("rows", [])}
-    variant = {"none": "student", "pkd": "student", "fmkt": "4", "teacher": "teacher"}
+    variant = {"none": "student", "pkd": "student", "fmkt": "4", "fmkt_aux": "student", "teacher": "teacher"}
     for row in [*ROWS, "teacher"]:
         got = [r for r in runs.values() if r["row"] == row]
         if row == "teacher":
@@ -154,7 +158,7 @@ def main(argv=None) -> int:
                f"detection_canvases_{machine_slug(args.device, env['machine'])}.json")
     doc = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
     if not args.report_only:
-        doc.update({"protocol": {k: v for k, v in vars(args).items() if k not in ("out", "report_only")},
+        doc.update({"protocol": {k: v for k, v in vars(args).items() if k not in ("out", "report_only", "rows")},
                     "student": STUDENT, "environment": env, "date": time.strftime("%Y-%m-%d")})
         work = (ROOT / args.work).resolve()
         teacher_art = teacher(args, work)

@@ -92,6 +92,7 @@ def test_the_solver_keys_at_their_defaults_keep_the_teacher_cache_key():
     assert all(_LATER_OPTIM_KEYS[k] == getattr(OptimConfig(), k) for k in _LATER_OPTIM_KEYS)
     t = teacher_config(build_config(None))
     key = teacher_cache_key(t)
+    assert key == "443859da010cdf50"  # the default digits teacher's key before these keys existed (its cache folder)
     t.optim.__dict__.update(_LATER_OPTIM_KEYS)
     assert teacher_cache_key(t) == key
     t.optim.clip_grad = 5.0
