@@ -22,10 +22,11 @@
 #             truncated JPEGs -> scripts/gpu_decode.py (gpu_decode_cuda.json; dry run: --device cpu)
 #   detection issue 23: images/s of a detection training step (fasterrcnn_resnet18_fpn, 128 px, batch 8; none, pkd,
 #             fmkt with conv and dwconv), eager, and captured as a CUDA graph where torch can (the row says why not)
-#             -> benchmarks/detection_speed.py (detection_speed_cuda-*.json); needs torchvision there (see .whl)
-# Wheels the device image lacks (its torch 2.11 needs torchvision 0.26.0) travel in .whl/ (git-ignored; carry it):
+#             -> benchmarks/detection_speed.py (detection_speed_cuda-*.json; torchvision: the device image has 0.26.0)
+# Wheels a machine lacks (e.g. pycocotools for a detection run's mAP, or torchvision 0.26.0 beside a bare torch 2.11)
+# travel in .whl/ (git-ignored; carry it), installed first with --target /tmp/site:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 -d .whl torchvision==0.26.0 timm==1.0.31
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl pycocotools
 # Results go to $FMKT_BENCH_OUT (default benchmarks/results); each stage prints PASS/FAIL lines, and a summary of
 # return codes ends the run.
 #   FMKT_GPU_STAGES="triton numerics tests" FMKT_BENCH_OUT=$OUT bash scripts/gpu_check.sh
@@ -147,7 +148,7 @@ if want detection; then
             | tee "$OUT/detection_speed.log" | tail -n 20
         note detection "${PIPESTATUS[0]}"
     else
-        echo "torchvision is not importable here (carry .whl/, see the top of this script): detection not run"
+        echo "torchvision is not importable here (carry it in .whl/, see the top of this script): detection not run"
         note detection 3
     fi
 fi
