@@ -25,6 +25,7 @@ from torch import nn
 
 from fmkt.detection.fpn_flow import FPNFlow, attach_flow, check_same_size, default_level_weights
 from fmkt.detection.models import detector_backbone, fpn_features
+from fmkt.distillers.base import FrozenTeacher
 from fmkt.errors import FmktError
 from fmkt.flow.schedules import fp32
 from fmkt.losses import pkd_loss
@@ -81,7 +82,7 @@ def renormalize(x: torch.Tensor, src, dst) -> torch.Tensor:
     return (x * col(src.image_std) + col(src.image_mean) - col(dst.image_mean)) / col(dst.image_std)
 
 
-class DetectionDistiller(nn.Module):
+class DetectionDistiller(FrozenTeacher):
     """Trains ``student`` (and ``flow``) against a frozen ``teacher``; see the module docstring."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, flow: FPNFlow | None = None, *,
@@ -96,22 +97,10 @@ class DetectionDistiller(nn.Module):
         self.kind = detector_kind(student)
         self.method, self.refine = method, bool(refine)
         self.student, self.flow = student, (flow if method == "fmkt" else None)
-        self.teacher = teacher if method != "none" else None
+        if method != "none":
+            detector_kind(teacher)
+        self.freeze_teacher(teacher if method != "none" else None)  # eval, no gradients, not learnable state
         self.pkd_weights = None if pkd_weights is None else {str(k): float(w) for k, w in dict(pkd_weights).items()}
-        if self.teacher is not None:
-            detector_kind(self.teacher)
-            self.teacher.eval()
-            self.teacher.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    def learnable_state_dict(self) -> dict:
-        """Everything trained (the student and the flow), never the teacher."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
 
     def teacher_features(self, batch: torch.Tensor) -> OrderedDict:
         """The teacher's FPN maps of the student's transformed batch (no gradients)."""

@@ -17,14 +17,12 @@ from fmkt.losses import LOSSES
 from fmkt.student import DeployableModel
 
 
-class Distiller(nn.Module):
-    needs_teacher = True
+class FrozenTeacher(nn.Module):
+    """A module holding ``self.teacher`` frozen: eval mode whatever ``train()`` says, no gradients, never in the
+    learnable state (the classification distillers and fmkt.detection's)."""
 
-    def __init__(self, student: DeployableModel, teacher: DeployableModel | None, cfg, input_shape=None):
-        super().__init__()
-        self.student = student
+    def freeze_teacher(self, teacher: nn.Module | None) -> None:
         self.teacher = teacher
-        self.cfg = cfg
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
@@ -38,6 +36,16 @@ class Distiller(nn.Module):
     def learnable_state_dict(self) -> dict:
         """Everything trained (the student and what the method adds), never the teacher."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+
+class Distiller(FrozenTeacher):
+    needs_teacher = True
+
+    def __init__(self, student: DeployableModel, teacher: DeployableModel | None, cfg, input_shape=None):
+        super().__init__()
+        self.student = student
+        self.freeze_teacher(teacher)
+        self.cfg = cfg
 
     def load_learnable_state_dict(self, state: dict) -> None:
         # checkpoints written before the teacher projection had its name kept it under "adapter."
