@@ -1,6 +1,6 @@
 """Detection on the Fashion-MNIST canvases: the student alone vs PKD vs FM-KT, COCO mAP over seeds, and latency.
 
-    python benchmarks/detection_accuracy.py                     # the CPU protocol (~45 min on 2 cores), labelled
+    python benchmarks/detection_accuracy.py                     # the CPU protocol (~2 h on 2 cores), labelled
     python benchmarks/detection_accuracy.py --jobs 4 --device cuda --epochs 12   # a GPU's protocol
     python benchmarks/detection_accuracy.py --report-only       # the table of the runs saved in the JSON
 
@@ -12,9 +12,13 @@ one teacher, the same architecture trained once for ``--teacher-epochs`` (seed 0
 recipe: only the method differs), seeds 0-2. Rows: ``none``
 (the student alone), ``pkd`` (mmrazor's PKD on the FPN levels, weights 6), ``fmkt`` (the flow on each FPN level,
 the authors' weights [6, 6, 6, 6, 0], PKD as D, N = 8 in training, K = 4 refinement steps at inference; encoder
-dwconv, as the COCO recipes), ``fmkt_aux`` (the same flow with ``detection.refine=false``: a training-only loss, the
-plain detector deployed). Each run is the CLI's own (``fmkt-cli train`` / ``distill`` in a child process, one
-thread each, ``--jobs`` at once); each finished run is saved at once, a rerun skips what the JSON holds. Latency:
+dwconv, as the COCO recipes), ``fmkt_aux`` (the same flow with ``detection.refine=false``: a training-only loss,
+the plain detector deployed), ``fmkt_detach`` (``fmkt`` with N drawn from {1, 2, 4, 8, 16}, as the COCO recipes, and
+``detection.detach_target=true``: no gradient into the student's map through the target velocity), ``pkd_w1``,
+``fmkt_w1`` and ``fmkt_detach_w1`` (``pkd``, ``fmkt`` with N drawn from {1, 2, 4, 8, 16}, and ``fmkt_detach`` at
+weight 1 on the four levels instead of the published 6). Each run is the
+CLI's own (``fmkt-cli train`` / ``distill`` in a child process, one thread each, ``--jobs`` at once); each finished
+run is saved at once, a rerun skips what the JSON holds. Latency:
 ``fmkt-cli bench`` on seed 0's FM-KT artifact with ``--teacher`` (eager and onnxruntime, batch 1): the detector
 alone (the ``none`` and ``pkd`` students are that architecture), FM-KT at K = 4, and the teacher.
 """
@@ -36,7 +40,15 @@ from benchmarks._common import machine_slug, write_json  # noqa: E402
 
 ROWS = {"none": ("none", []), "pkd": ("pkd", []),  # row -> (method, its options): one recipe, only the method differs
         "fmkt": ("fmkt", ["--set", "method.encoder=dwconv"]),
-        "fmkt_aux": ("fmkt", ["--set", "method.encoder=dwconv", "--set", "detection.refine=false"])}
+        "fmkt_aux": ("fmkt", ["--set", "method.encoder=dwconv", "--set", "detection.refine=false"]),
+        "fmkt_detach": ("fmkt", ["--set", "method.encoder=dwconv", "--set", "method.train_steps=1,2,4,8,16",
+                                 "--set", "detection.detach_target=true"]),
+        # the published weights are for ImageNet-started detectors; the same rows at weight 1 on the four levels
+        "pkd_w1": ("pkd", ["--set", "detection.weights=[1,1,1,1,0]"]),
+        "fmkt_w1": ("fmkt", ["--set", "method.encoder=dwconv", "--set", "method.train_steps=1,2,4,8,16",
+                             "--set", "detection.weights=[1,1,1,1,0]"]),
+        "fmkt_detach_w1": ("fmkt", ["--set", "method.encoder=dwconv", "--set", "method.train_steps=1,2,4,8,16",
+                                    "--set", "detection.detach_target=true", "--set", "detection.weights=[1,1,1,1,0]"])}
 STUDENT = "fasterrcnn_resnet18_fpn"
 # fewer proposals and RoI samples than torchvision's COCO defaults (2000 / 1000 proposals, 512 RoIs per image): a
 # 128-pixel canvas holds 1-4 objects, and the defaults' RoI head costs ~5x the step on a CPU
@@ -130,7 +142,8 @@ def table(doc: dict) -> str:
     lines.append("| row | seeds | " + " | ".join(KEYS) + " | train img/s | p50 ms (eager / ORT, b1) |")
     lines.append("|---|---|" + "---|" * len(KEYS) + "---|---|")
     lat = {(r["backend"], r["variant"]): r for r in (doc.get("latency") or {}).get("rows", [])}
-    variant = {"none": "student", "pkd": "student", "fmkt": "4", "fmkt_aux": "student", "teacher": "teacher"}
+    variant = {"none": "student", "pkd": "student", "fmkt": "4", "fmkt_aux": "student", "fmkt_detach": "4",
+               "pkd_w1": "student", "fmkt_w1": "4", "fmkt_detach_w1": "4", "teacher": "teacher"}
     for row in [*ROWS, "teacher"]:
         got = [r for r in runs.values() if r["row"] == row]
         if row == "teacher":

@@ -88,6 +88,27 @@ def test_level_loss_matches_a_hand_computation(steps):
     assert out.refined["1"] is student["1"]  # ... and the level passes through unchanged
 
 
+def test_detach_target_keeps_the_loss_and_drops_the_targets_gradient():
+    g = torch.Generator().manual_seed(4)
+    z1_value, z0 = (torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    grads = {}
+    for detach in (False, True):
+        flow, e = controlled_flow()
+        flow.detach_target = detach
+        z1 = z1_value.clone().requires_grad_(True)
+        out = flow({"0": z1, "1": z1[:, :, :2, :2]}, {"0": z0, "1": z0[:, :, :2, :2]}, steps=1)
+        out.per_level["0"].backward()
+        grads[detach] = z1.grad
+        by_hand = z1_value.clone().requires_grad_(True)  # v = (z1 + e) / 2; the target z1 - z0 (a constant if detached)
+        target = (z1_value if detach else by_hand) - z0
+        expected = pkd_by_hand(0.5 * (by_hand + e), target)
+        expected.backward()
+        assert torch.allclose(out.per_level["0"].detach(), expected.detach(), rtol=1e-10)  # the same value
+        assert torch.allclose(z1.grad, by_hand.grad, rtol=1e-8, atol=1e-12)
+    assert not torch.allclose(grads[False], grads[True], atol=1e-6)  # the target's gradient did reach Z1 before
+    assert FPNFlow(["0"], 2, [1.0], encoder="dwconv").detach_target is False  # off by default: the authors' flow
+
+
 def test_teacher_projection_enters_the_target():
     flow, e = controlled_flow(channels=2, project=True)
     level = flow.flows["0"]

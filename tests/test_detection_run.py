@@ -104,6 +104,7 @@ def test_fmkt_trains_reports_map_per_epoch_and_eval_scores_the_artifact_the_same
     assert set(m["teacher"]["map"]) == set(KEYS) and m["dataset"]["num_classes"] == 10
     assert (m["dataset"]["root"], m["dataset"]["split"]) == (str(root.resolve()), "val")
     assert (m["method"], m["loss"], m["train_steps"]) == ("fmkt", "pkd", [2])
+    assert m["detach_target"] is False  # the authors' flow unless detection.detach_target says otherwise
 
     scored = invoke(["eval", out / "artifact", "--steps", "0,4", "--batch-size", 6, "--json"])
     assert scored.exit_code == 0, scored.output
@@ -270,7 +271,9 @@ def test_coco_recipes_hold_the_published_settings_and_step(name, weights, lr, cl
     assert d.weights == [weights] * 4 + [0.0] and (cfg.optim.lr, cfg.optim.clip_grad) == (lr, clip)
     assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.milestones, cfg.train.epochs) == (0.9, 1e-4,
                                                                                                    [16, 22], 24)
-    assert (cfg.data.batch_size, cfg.method.train_steps, cfg.method.dirac_ratio, d.refine_steps) == (16, "8", 1.0, 4)
+    assert (cfg.data.batch_size, cfg.method.train_steps, cfg.method.dirac_ratio, d.refine_steps) == (16, "1,2,4,8,16",
+                                                                                                    1.0, 4)
+    assert d.detach_target is False  # the authors' flow
     assert cfg.student.endswith("resnet50_fpn") and cfg.teacher.arch.endswith("resnet101_fpn")
     cfg.detection.min_size = cfg.detection.max_size = 64
     cfg.method.train_steps = "1"
@@ -285,6 +288,19 @@ def test_coco_recipes_hold_the_published_settings_and_step(name, weights, lr, cl
     losses = train_step(model, opt, None, images, targets, 0.0, clip=cfg.optim.clip_grad)
     assert {f"loss_flow_{k}" for k in spec["flow"]["levels"][:4]} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values()) and spec["flow"]["encoder"] == "dwconv"
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_target_reaches_the_flow(data, detach):
+    from fmkt.commands import configure
+    from fmkt.detection.run import build_models
+
+    root, _ = data
+    cfg = configure(None, [{"task": "detection", "student": DETECTOR, "teacher": {"arch": DETECTOR},
+                            "data": {"dir": str(root)},
+                            "detection": {"min_size": 64, "max_size": 64, "detach_target": detach}}])
+    model, _ = build_models(cfg, 10, tiny_rcnn(11, 64, 64), torch.device("cpu"))
+    assert model.distiller.flow.detach_target is detach
 
 
 def free_port() -> int:

@@ -29,6 +29,8 @@ class DetectionConfig:
     refine: bool = True  # the heads see the flow's refined maps in training and at inference (the authors' neck)
     refine_steps: int = 4  # K at inference, the artifact's default_steps (the authors' inference_sampling=4)
     project_teacher: bool = True  # BN + 1x1 conv on the teacher's map (the authors' lowermodule)
+    # the target velocity Z1 - T(teacher) without gradient into the student's map Z1 (ours; the authors detach nothing)
+    detach_target: bool = False
     eval_batch_size: int = 8  # images per evaluation batch (a detector keeps up to 1000 proposals per image)
     # the student's backbone body from an ImageNet classifier's state-dict file (torchvision's resnet50-0676ba61.pth),
     # as torchvision's weights_backbone: its BatchNorm frozen, only the last trainable_backbone_layers stages train

@@ -9,15 +9,21 @@ Per level l with weight w_l > 0 and N Euler steps (fmkt's one sampler, :func:`fm
     total = sum_l w_l * L_l;  the end state x is the level's refined map
 
 D is PKD (:data:`fmkt.losses.LOSSES` ``pkd``; ``mse`` also fits). A level with weight 0 builds no module and passes
-its map through unchanged. Defaults follow the authors' detection code (mmrazor/mmdet 3; the sources are in
-:data:`SOURCES`): weights [6, 6, 6, 6, 0] for Faster R-CNN and [10, 10, 10, 10, 0] for RetinaNet, Dirac ratio 1,
-PKD, N = 8 when training (their FlowAlignmentFPN builds each level's module with ``sampling=8``) and 4 at inference
-(its ``forward(..., inference_sampling=4)``). Their neck hands the refined maps to the heads, in training and at
-inference: :class:`RefinedBackbone` / :func:`attach_flow` make that deployable student (K steps fixed).
+its map through unchanged (theirs: ``if self.weight == 0: return 0, student_feature``). Defaults follow the authors'
+detection code (mmrazor/mmdet 3; the sources are in :data:`SOURCES`): weights [6, 6, 6, 6, 0] for Faster R-CNN and
+[10, 10, 10, 10, 0] for RetinaNet, Dirac ratio 1, PKD, N drawn from {1, 2, 4, 8, 16} at every training iteration
+and K = 4 at inference (their neck's ``forward(..., inference_sampling=4)``). On N: their FlowAlignmentFPN passes
+``sampling=8`` to each level's FlowAlignModule, but in every FlowAlignModule we could read (the one that takes
+``encoder_type``, as their detection configs do, included) a feature-based module trains with
+``np.random.choice([1, 2, 4, 8, 16])`` and reads ``sampling`` only on its logit path; the detection copy of that file
+was not readable. Their neck hands the refined maps to the heads, in training and at inference:
+:class:`RefinedBackbone` / :func:`attach_flow` make that deployable student (K steps fixed). They detach nothing:
+the student's map gets gradient through the velocities and through the target Z1 - T(teacher);
+``detach_target=True`` (config ``detection.detach_target``, ours) drops the latter (BENCHMARKS.md measures both).
 Ours where theirs differs or is not visible: the time embedding and encoders are fmkt's (their detection configs
 name an encoder ``convnext_detection``, a ConvNeXt block, which fmkt does not register; any ``channels -> Module``
-factory plugs in); N is drawn once per iteration for all levels (their classification-era module draws N per level
-from {1, 2, 4, 8, 16} when training; pass ``train_steps=(1, 2, 4, 8, 16)`` for that set).
+factory plugs in); N is drawn once per iteration for all levels (theirs per level); no EMA copy of the flows (one
+version of their neck keeps one, decay 0.999, for inference; the other does not).
 """
 from __future__ import annotations
 
@@ -38,15 +44,18 @@ from fmkt.losses import LOSSES
 
 FASTER_RCNN_WEIGHTS = (6.0, 6.0, 6.0, 6.0, 0.0)
 RETINANET_WEIGHTS = (10.0, 10.0, 10.0, 10.0, 0.0)
-TRAIN_STEPS = 8
+TRAIN_STEPS = (1, 2, 4, 8, 16)
 EVAL_STEPS = 4
 SOURCES = {
     "weights": "the authors' mmdet configs faster-rcnn_r50_fpn_2x_coco_fakd.py (weight=[6]*4+[0]*1) and "
                "retinanet_r50_fpn_2x_coco_fakd.py (weight=[10]*4+[0]*1, dirac_ratio=1, SGD lr 0.01)",
     "projection": "their FlowAlignModule's lowermodule (BatchNorm2d + 1x1 conv, teacher -> student channels) "
                   "on the teacher map, in every version of it we could read (the detection one was not readable)",
-    "steps": "their mmrazor FlowAlignmentFPN: FlowAlignModule(..., sampling=8, ...) per level; "
-             "forward(..., inference_sampling=4) also at test time (extract_feat returns the refined maps)",
+    "steps": "their mmrazor FlowAlignmentFPN: FlowAlignModule(..., sampling=8, encoder_type=...) per level, "
+             "forward(..., inference_sampling=4) also at test time (extract_feat returns the refined maps); their "
+             "FlowAlignModule (shaoshitong's FM-KT code, the version with encoder_type): feature_based training "
+             "draws inference_sampling = np.random.choice([1, 2, 4, 8, 16]) per call, sampling is read only by "
+             "the logit-based path",
     "pkd": "open-mmlab/mmrazor@617fd9576658e33b139ca55a72e52432321d3a01:"
            "configs/distill/mmdet/pkd/pkd_fpn_frcnn_r101_frcnn_r50_2x_coco.py (PKDLoss loss_weight=6 on fpn0-3); "
            "open-mmlab/mmrazor@2ce36c43c81ec7daede2013f169d24d96385dbee:"
@@ -103,12 +112,14 @@ class LevelFlow(nn.Module):
         return run_sampler(z1, self.encoder, self.time_embed, self.schedule.steps(steps),
                            return_velocities=velocities)
 
-    def loss(self, z1, teacher_map, steps: int, metric, dirac_ratio: float = 1.0):
-        """(L_l, the refined map): the mean over the N steps of D(v_i, target velocity), unweighted."""
+    def loss(self, z1, teacher_map, steps: int, metric, dirac_ratio: float = 1.0, detach_target: bool = False):
+        """(L_l, the refined map): the mean over the N steps of D(v_i, target velocity), unweighted. With
+        ``detach_target`` the target velocity's copy of Z1 carries no gradient (Z1 still gets the one through v_i)."""
         z0 = apply_dirac_ratio(self.teacher_projection(teacher_map), dirac_ratio)
         out = self.sample(z1, steps, velocities=True)
         consts = self.schedule.steps(steps)
-        total = sum(metric(fp32(v), self.schedule.target_velocity(z1, z0, c.t))
+        z1_target = z1.detach() if detach_target else z1
+        total = sum(metric(fp32(v), self.schedule.target_velocity(z1_target, z0, c.t))
                     for v, c in zip(out.velocities, consts))
         return total / steps, out.final_state.to(z1.dtype)
 
@@ -126,9 +137,11 @@ class FPNFlow(nn.Module):
     def __init__(self, levels: Sequence[str], channels: int, weights: Sequence[float], *,
                  teacher_channels: int | None = None, encoder="conv", schedule: str = "rectified",
                  train_steps: int | Sequence[int] = TRAIN_STEPS, eval_steps: int = EVAL_STEPS,
-                 dirac_ratio: float = 1.0, loss: str = "pkd", project_teacher: bool = True):
+                 dirac_ratio: float = 1.0, loss: str = "pkd", project_teacher: bool = True,
+                 detach_target: bool = False):
         super().__init__()
         levels = tuple(str(k) for k in levels)
+        self.detach_target = bool(detach_target)
         if len(weights) != len(levels):
             raise FmktError(f"{len(weights)} FPN loss weights for {len(levels)} levels ({', '.join(levels)}): give "
                             "one weight per level (0 turns a level off).")
@@ -162,7 +175,7 @@ class FPNFlow(nn.Module):
                                 f"{', '.join(maps)}); build the flow for the detectors' own levels.")
             check_same_size(level, student[level], teacher[level])
             per_level[level], refined[level] = flow.loss(student[level], teacher[level], n, self.metric,
-                                                         self.dirac_ratio)
+                                                         self.dirac_ratio, self.detach_target)
         total = sum((self.weights[k] * v for k, v in per_level.items()),
                     start=next(iter(student.values())).new_zeros(()))
         return FlowLoss(total, per_level, refined)

@@ -136,7 +136,7 @@ def build_models(cfg, num_classes: int, teacher: nn.Module | None, device) -> tu
         flow = FPNFlow(levels, fpn_channels(student), weights, teacher_channels=fpn_channels(teacher),
                        encoder=m.encoder, schedule=m.schedule, train_steps=m.train_step_choices(),
                        eval_steps=d.refine_steps, dirac_ratio=m.dirac_ratio, loss=d.loss,
-                       project_teacher=d.project_teacher)
+                       project_teacher=d.project_teacher, detach_target=d.detach_target)
     distiller = DetectionDistiller(student, teacher, flow, method=m.name, refine=d.refine,
                                    pkd_weights=dict(zip(levels, weights)) if m.name == "pkd" else None)
     spec = detector_spec(cfg.student, num_classes + 1, min_size=d.min_size, max_size=d.max_size,
@@ -232,7 +232,8 @@ def run_record(run: Run) -> dict:
     weights = distiller.flow.weights if distiller.flow is not None else distiller.pkd_weights
     record = {"task": "detection", "method": m.name, "loss": d.loss if m.name != "none" else "none",
               "train_steps": m.train_step_choices() if m.name == "fmkt" else [], "level_weights": weights,
-              "refine": d.refine if m.name == "fmkt" else None, "dataset": run.extra["dataset"],
+              "refine": d.refine if m.name == "fmkt" else None,
+              "detach_target": d.detach_target if m.name == "fmkt" else None, "dataset": run.extra["dataset"],
               "metrics": {"last": run.history[-1]["map"], "best": run.best, "epochs": cfg.train.epochs,
                           "precision": FP32, "split": d.val_split, "images_evaluated": len(run.test_set),
                           "evaluator": "pycocotools COCOeval, iouType bbox"},
