@@ -50,3 +50,5 @@ def test_detection_accuracy_table_is_mean_and_std_of_the_runs_per_row():
     assert "20.00 ± 0.00" in fmkt and fmkt.endswith("| n/a / 100 |")
     teacher = next(line for line in lines if line.startswith("| teacher |"))
     assert "30.00 ± 0.00" in teacher and not any(line.startswith("| pkd |") for line in lines)
+    seed1 = next(line for line in detection_accuracy.table(doc, [1]).splitlines() if line.startswith("| none |"))
+    assert seed1.startswith("| none | 1 | 14.00 ± 0.00")  # only the runs of the seeds asked for
