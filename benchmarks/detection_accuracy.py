@@ -17,9 +17,9 @@ dwconv, as the COCO recipes), ``fmkt_aux`` (the same flow with ``detection.refin
 the plain detector deployed), ``fmkt_detach`` (``fmkt`` with N drawn from {1, 2, 4, 8, 16}, as the COCO recipes, and
 ``detection.detach_target=true``: no gradient into the student's map through the target velocity), ``pkd_w1``,
 ``fmkt_w1`` and ``fmkt_detach_w1`` (``pkd``, ``fmkt`` with N drawn from {1, 2, 4, 8, 16}, and ``fmkt_detach`` at
-weight 1 on the four levels instead of the published 6). Each run is the
-CLI's own (``fmkt-cli train`` / ``distill`` in a child process, one thread each, ``--jobs`` at once); each finished
-run is saved at once, a rerun skips what the JSON holds. Latency:
+weight 1 on the four levels instead of the published 6). Each run is the CLI's own (``fmkt-cli train`` /
+``distill`` in a child process, one thread each, ``--jobs`` at once); each finished run is saved at once, a rerun
+skips what the JSON holds. Latency:
 ``fmkt-cli bench`` on the first seed's FM-KT artifact with ``--teacher`` (eager and onnxruntime, batch 1): the detector
 alone (the ``none`` and ``pkd`` students are that architecture), FM-KT at K = 4, and the teacher.
 """
@@ -39,17 +39,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import machine_slug, write_json  # noqa: E402
 
+FLOW = ["--set", "method.encoder=dwconv"]  # the COCO recipes' encoder
+DRAWN, DETACH = ["--set", "method.train_steps=1,2,4,8,16"], ["--set", "detection.detach_target=true"]
+W1 = ["--set", "detection.weights=[1,1,1,1,0]"]  # the published weights are for ImageNet-started detectors
 ROWS = {"none": ("none", []), "pkd": ("pkd", []),  # row -> (method, its options): one recipe, only the method differs
-        "fmkt": ("fmkt", ["--set", "method.encoder=dwconv"]),
-        "fmkt_aux": ("fmkt", ["--set", "method.encoder=dwconv", "--set", "detection.refine=false"]),
-        "fmkt_detach": ("fmkt", ["--set", "method.encoder=dwconv", "--set", "method.train_steps=1,2,4,8,16",
-                                 "--set", "detection.detach_target=true"]),
-        # the published weights are for ImageNet-started detectors; the same rows at weight 1 on the four levels
-        "pkd_w1": ("pkd", ["--set", "detection.weights=[1,1,1,1,0]"]),
-        "fmkt_w1": ("fmkt", ["--set", "method.encoder=dwconv", "--set", "method.train_steps=1,2,4,8,16",
-                             "--set", "detection.weights=[1,1,1,1,0]"]),
-        "fmkt_detach_w1": ("fmkt", ["--set", "method.encoder=dwconv", "--set", "method.train_steps=1,2,4,8,16",
-                                    "--set", "detection.detach_target=true", "--set", "detection.weights=[1,1,1,1,0]"])}
+        "fmkt": ("fmkt", FLOW), "fmkt_aux": ("fmkt", [*FLOW, "--set", "detection.refine=false"]),
+        "fmkt_detach": ("fmkt", [*FLOW, *DRAWN, *DETACH]), "pkd_w1": ("pkd", W1),
+        "fmkt_w1": ("fmkt", [*FLOW, *DRAWN, *W1]), "fmkt_detach_w1": ("fmkt", [*FLOW, *DRAWN, *DETACH, *W1])}
 STUDENT = "fasterrcnn_resnet18_fpn"
 # fewer proposals and RoI samples than torchvision's COCO defaults (2000 / 1000 proposals, 512 RoIs per image): a
 # 128-pixel canvas holds 1-4 objects, and the defaults' RoI head costs ~5x the step on a CPU

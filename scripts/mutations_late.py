@@ -297,6 +297,10 @@ MUTATIONS += [
     Mutation("detection flow: detection.detach_target does not reach the flow", "fmkt/detection/run.py",
              "project_teacher=d.project_teacher, detach_target=d.detach_target)", "project_teacher=d.project_teacher)",
              ["tests/test_detection_run.py::test_detach_target_reaches_the_flow"]),
+    Mutation("detection record: fmkt.json's detach_target not the run's", "fmkt/detection/run.py",
+             '"detach_target": d.detach_target if m.name == "fmkt" else None,', '"detach_target": None,',
+             ["tests/test_detection_run.py::"
+              "test_fmkt_trains_reports_map_per_epoch_and_eval_scores_the_artifact_the_same"]),
     Mutation("detection benchmark: the table ignores the seeds asked for", "benchmarks/detection_accuracy.py",
              "runs = {k: r for k, r in runs.items() if r[\"seed\"] in set(seeds)}", "pass",
              ["tests/test_detection_benchmarks.py::test_detection_accuracy_table_is_mean_and_std_of_the_runs_per_row"]),
